@@ -1,0 +1,43 @@
+# The two commands a fresh machine needs: `make demo` and `make test` (both install first).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test lint demo bench fashion-mnist clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check worker service tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check worker service tests bench
+	$(BIN)/ruff format --check worker service tests bench
+	$(BIN)/mypy
+
+# Debian's Fashion-MNIST, the main lab dataset; optional (the demo falls back to scikit-learn's digits).
+fashion-mnist:
+	@test -d $(FMNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
+	  || echo "Fashion-MNIST not installed (needs root and apt-get); using scikit-learn's digits."
+
+demo: install
+	$(BIN)/python -m service.demo
+
+bench: install fashion-mnist
+	$(BIN)/python bench/lab.py
+
+clean:
+	rm -rf $(VENV) var
