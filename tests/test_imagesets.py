@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.cbpt.imagesets import ArchiveLimits, ImageSetError, read_image_set
+from worker.cbpt.imagesets import ImageSetError, ImageSetLimits, read_image_set
 
 
 def _png(value: int, size: tuple[int, int] = (10, 8), mode: str = "RGB") -> bytes:
@@ -98,14 +98,14 @@ def test_bad_archives_get_clear_errors(
 def test_not_an_archive(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(b"\x89PNG nothing")
-    with pytest.raises(ImageSetError, match="zip or tar"):
+    with pytest.raises(ImageSetError, match="not a zip or tar"):
         read_image_set(path, 8)
 
 
 def test_pixel_cap_is_checked_before_decoding(tmp_path: Path) -> None:
     archive = _zip(tmp_path / "big.zip", {"a/1.png": _png(1, (64, 64)), "b/1.png": _png(1)})
     with pytest.raises(ImageSetError, match="over 1000 pixels"):
-        read_image_set(archive, 8, limits=ArchiveLimits(max_pixels=1000))
+        read_image_set(archive, 8, limits=ImageSetLimits(max_pixels=1000))
 
 
 def test_compression_bombs_are_refused(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_compression_bombs_are_refused(tmp_path: Path) -> None:
 def test_too_few_images_per_class(tmp_path: Path) -> None:
     archive = _zip(tmp_path / "d.zip", {"a/1.png": _png(1), "b/1.png": _png(1), "b/2.png": _png(2)})
     with pytest.raises(ImageSetError, match="class 'a' has 1 image"):
-        read_image_set(archive, 8, limits=ArchiveLimits(min_per_class=2))
+        read_image_set(archive, 8, limits=ImageSetLimits(min_per_class=2))
 
 
 def test_links_in_tar_are_refused(tmp_path: Path) -> None:
@@ -142,3 +142,22 @@ def test_links_in_zip_are_refused(tmp_path: Path) -> None:
         archive.writestr(info, "/etc/passwd")
     with pytest.raises(ImageSetError, match="link member"):
         read_image_set(path, 8)
+
+
+def test_classes_json_naming_every_folder_sets_the_order(tmp_path: Path) -> None:
+    mapping = {"zebra": "zebra", "ant": "ant", "moth": "moth"}
+    members = {"classes.json": json.dumps(mapping).encode()}
+    members |= {f"{folder}/1.png": _png(i) for i, folder in enumerate(sorted(mapping))}
+    images = read_image_set(_zip(tmp_path / "d.zip", members), 8)
+    assert images.folders == ("zebra", "ant", "moth")
+    assert images.files[images.labels.tolist().index(0)] == "zebra/1.png"
+
+
+def test_duplicate_display_names_are_refused(tmp_path: Path) -> None:
+    members = {
+        "classes.json": b'{"a": "cat", "b": "cat"}',
+        "a/1.png": _png(1),
+        "b/1.png": _png(2),
+    }
+    with pytest.raises(ImageSetError, match="same display name"):
+        read_image_set(_zip(tmp_path / "d.zip", members), 8)

@@ -7,6 +7,7 @@ import os
 import typer
 
 from service.cli import lab
+from service.cli.purify import purify
 
 # Model weights never come from a hub here: fail fast instead of trying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,3 +18,4 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lab.app, name="lab")
+app.command("purify")(purify)

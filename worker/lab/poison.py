@@ -48,10 +48,13 @@ def poison(
     normalizer: Normalizer | None = None,
     class_embeddings: torch.Tensor | None = None,
 ) -> PoisonedSet:
-    """Returns a copy of the training set with ``rate`` of it poisoned by ``spec``.
+    """Returns the training set with ``rate`` of it poisoned by ``spec``.
 
-    The label-consistent attack draws only from the target class, so its rate is capped by that
-    class's share; it needs the clean ``model`` for the adversarial perturbation.
+    Dirty-label attacks relabel images of other classes in place. The label-consistent attack
+    adds perturbed, stamped copies of target-class images beside their clean originals (an
+    attacker publishing doctored photos of the target): replacing the originals would leave no
+    clean target image and the target class would become "images with the patch". Its rate is
+    capped by the target class's share, and it needs the clean ``model`` for the perturbation.
     """
     generator = torch.Generator().manual_seed(seed)
     clean_label = isinstance(spec, LabelConsistent)
@@ -67,6 +70,14 @@ def poison(
             model, normalizer, class_embeddings, chosen_images, target, spec.adversarial_eps
         )
     stamped = (spec.apply(chosen_images) * 255).round().to(torch.uint8)
+    if clean_label:
+        return PoisonedSet(
+            torch.cat([images, stamped]),
+            torch.cat([labels, torch.full((count,), target, dtype=labels.dtype)]),
+            torch.cat(
+                [torch.zeros(len(labels), dtype=torch.bool), torch.ones(count, dtype=torch.bool)]
+            ),
+        )
     out_images, out_labels = images.clone(), labels.clone()
     out_images[chosen] = stamped
     out_labels[chosen] = target
@@ -114,7 +125,7 @@ def optimize_patch(
     size: float,
     target: str,
     seed: int,
-    steps: int = 150,
+    steps: int = 100,
     batch_size: int = 256,
     lr: float = 0.1,
 ) -> OptimizedPatch:

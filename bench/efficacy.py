@@ -1,0 +1,153 @@
+"""Efficacy benchmark: no defence vs prompt tuning without inversion (CoOp) vs CBPT.
+
+For the clean lab model and each backdoored one (made by, or shared with, ``bench/lab.py``),
+purifies with the 16-shot ``fewshot.zip`` and measures on the lab's held-out ``test.zip``: CA,
+the real trigger's ASR (the clean model is measured against the BadNets trigger), TrojAI's
+fidelity, and the verdict. Targets for CBPT on every attack: ASR after <= 1% (mean <= 0.5%),
+CA after >= CA before, fidelity >= 0.98; the verdict flags every backdoored model and not the
+clean one.
+
+    .venv/bin/python bench/efficacy.py [--attacks badnets,sig] [--seeds 0,1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.cbpt.attacks import ATTACK_NAMES, parse_attack  # noqa: E402
+from worker.cbpt.purify import PurifyOptions, purify  # noqa: E402
+from worker.cbpt.tuning import TuningSettings  # noqa: E402
+from worker.lab.datasets import default_dataset  # noqa: E402
+from worker.lab.make import LabSettings, default_attack, make_lab_model  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--dataset", default=default_dataset())
+    parser.add_argument("--attacks", default="clean," + ",".join(ATTACK_NAMES))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lab", type=Path, default=Path("var/bench/lab"))
+    parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
+    parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
+    args = parser.parse_args()
+    settings = LabSettings.for_dataset(args.dataset)
+    console = Console()
+    rows: list[dict[str, Any]] = []
+    for name in [a for a in args.attacks.split(",") if a]:
+        folder = args.lab / name
+        if not (folder / "open_clip_model.safetensors").is_file():
+            make_lab_model(
+                None if name == "clean" else name, folder, settings, cache_dir=args.cache
+            )
+        spec_file = folder / "attack.json"
+        known = (
+            parse_attack(spec_file.read_bytes())
+            if spec_file.is_file()
+            else default_attack("badnets", settings, _classes(folder))
+        )
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for defence in ("coop", "cbpt"):
+                options = _options(defence, seed, args.rounds)
+                started = time.perf_counter()
+                with tempfile.TemporaryDirectory() as scratch:
+                    result = purify(
+                        folder,
+                        folder / "fewshot.zip",
+                        options,
+                        out_dir=Path(scratch),
+                        known_triggers=(known,),
+                        evaluation_dataset=folder / "test.zip",
+                    )
+                seconds = time.perf_counter() - started
+                summary = result.summary
+                rows.append(
+                    {
+                        "model": name,
+                        "seed": seed,
+                        "defence": defence,
+                        "verdict": result.verdict,
+                        "seconds": round(seconds, 1),
+                        **summary,
+                    }
+                )
+                console.print(
+                    f"{name} seed {seed} {defence}: CA {summary['ca_before']:.3f}->"
+                    f"{summary['ca_after']:.3f} ASR {summary['asr_before']:.3f}->"
+                    f"{summary['asr_after']:.3f} verdict {result.verdict} ({seconds:.0f} s)"
+                )
+    _print(console, rows, args.dataset)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _options(defence: str, seed: int, rounds: int) -> PurifyOptions:
+    if defence == "coop":
+        # Prompt tuning on clean cross-entropy alone; the inversion still runs, for the verdict.
+        tuning = TuningSettings(backdoor_weight=0.0, regularizer_weight=0.0)
+        return PurifyOptions(seed=seed, device="cpu", tuning=tuning, rounds=0)
+    return PurifyOptions(seed=seed, device="cpu", rounds=rounds)
+
+
+def _classes(folder: Path) -> tuple[str, ...]:
+    return tuple(json.loads((folder / "lab.json").read_text())["classes"])
+
+
+def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
+    table = Table(title=f"efficacy on {dataset} lab models (held-out test set)")
+    columns = (
+        "model",
+        "seed",
+        "verdict",
+        "CA none",
+        "ASR none",
+        "CA CoOp",
+        "ASR CoOp",
+        "CA CBPT",
+        "ASR CBPT",
+        "fidelity CBPT",
+        "CBPT (s)",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["model"], row["seed"]), {})[row["defence"]] = row
+    for (model, seed), pair in by_key.items():
+        coop, cbpt = pair["coop"], pair["cbpt"]
+        table.add_row(
+            model,
+            str(seed),
+            cbpt["verdict"],
+            _f(cbpt["ca_before"]),
+            _f(cbpt["asr_before"]),
+            _f(coop["ca_after"]),
+            _f(coop["asr_after"]),
+            _f(cbpt["ca_after"]),
+            _f(cbpt["asr_after"]),
+            _f(cbpt["fidelity"]),
+            f"{cbpt['seconds']:.0f}",
+        )
+    console.print(table)
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

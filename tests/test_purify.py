@@ -1,0 +1,122 @@
+"""The whole engine on a tiny backdoored lab model: purify, artifacts, deployment, cancel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from worker.cbpt.attacks import parse_attack
+from worker.cbpt.deploy import load_purified_classifier
+from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.inversion import InversionSettings
+from worker.cbpt.purify import CancelledError, PurifyOptions, PurifyResult, purify
+from worker.cbpt.tuning import TuningSettings
+from worker.lab.make import LabModel
+
+OPTIONS = PurifyOptions(
+    seed=0,
+    device="cpu",
+    inversion=InversionSettings(steps=150, batch_size=32),
+    tuning=TuningSettings(steps=100),
+    rounds=1,
+)
+
+
+@pytest.fixture(scope="module")
+def purified(badnets_lab: LabModel, tmp_path_factory: pytest.TempPathFactory) -> PurifyResult:
+    directory = badnets_lab.directory
+    stages: list[str] = []
+    result = purify(
+        directory,
+        directory / "fewshot.zip",
+        OPTIONS,
+        out_dir=tmp_path_factory.mktemp("purified"),
+        known_triggers=(parse_attack((directory / "attack.json").read_bytes()),),
+        evaluation_dataset=directory / "test.zip",
+        progress=lambda stage, fraction: stages.append(stage),
+    )
+    assert stages[0] == "load"
+    assert {"inversion", "tuning", "evaluation", "artifacts"} <= set(stages)
+    return result
+
+
+def test_purification_lowers_the_real_asr_and_keeps_ca(purified: PurifyResult) -> None:
+    known = purified.report["triggers"][1]
+    assert known["name"] == "badnets"
+    assert known["asr_before"] >= 0.8
+    assert known["asr_after"] <= 0.5 * known["asr_before"], known
+    summary = purified.summary
+    assert summary["ca_after"] is not None
+    assert summary["ca_before"] is not None
+    assert summary["ca_after"] >= summary["ca_before"] - 0.1, summary
+
+
+def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None:
+    paths = purified.artifacts
+    classes = list(badnets_lab.class_names)
+    with safe_open(str(paths["prompts.safetensors"]), framework="pt") as handle:
+        meta = handle.metadata()
+        context = handle.get_tensor("context")
+    assert json.loads(meta["classes"]) == classes
+    assert meta["n_ctx"] == "4"
+    assert json.loads(meta["templates"]) == ["a photo of a {}."]
+    assert meta["model_sha256"] == purified.report["model_sha256"]
+    assert context.shape == (10, 4, 64)
+    with safe_open(str(paths["head.safetensors"]), framework="pt") as handle:
+        head = handle.get_tensor("class_embeddings")
+        assert handle.get_tensor("logit_scale").shape == ()
+        assert json.loads(handle.metadata()["classes"]) == classes
+    torch.testing.assert_close(head.norm(dim=1), torch.ones(10))
+    with safe_open(str(paths["trigger.safetensors"]), framework="pt") as handle:
+        mask, pattern = handle.get_tensor("mask"), handle.get_tensor("pattern")
+    assert mask.shape == (16, 16)
+    assert pattern.shape == (3, 16, 16)
+    assert float(mask.min()) >= 0
+    assert float(pattern.max()) <= 1
+    assert paths["trigger.png"].read_bytes().startswith(b"\x89PNG")
+    report = json.loads(paths["report.json"].read_text())
+    assert report["schema_version"] == 1
+    assert report["verdict"] in ("backdoored", "suspicious", "clean")
+    assert set(report["summary"]) == {
+        "ca_before",
+        "ca_after",
+        "asr_before",
+        "asr_after",
+        "fidelity",
+    }
+    html = paths["report.html"].read_text()
+    assert "<script" not in html
+    assert "data:image/png;base64," in html
+    assert "<svg" in html
+
+
+def test_deployable_from_prompts_or_head(purified: PurifyResult, badnets_lab: LabModel) -> None:
+    directory = badnets_lab.directory
+    from_prompts = load_purified_classifier(directory, purified.artifacts["prompts.safetensors"])
+    from_head = load_purified_classifier(directory, purified.artifacts["head.safetensors"])
+    images = read_image_set(directory / "test.zip", 16).images[:32].float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(from_prompts(images), from_head(images), atol=1e-4, rtol=1e-4)
+    assert from_head.classes == list(badnets_lab.class_names)
+
+
+def test_head_of_another_model_is_refused(purified: PurifyResult, clean_lab: LabModel) -> None:
+    with pytest.raises(ValueError, match="belongs to model"):
+        load_purified_classifier(clean_lab.directory, purified.artifacts["head.safetensors"])
+
+
+def test_cancel_stops_early_and_writes_nothing(badnets_lab: LabModel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(CancelledError):
+        purify(
+            badnets_lab.directory,
+            badnets_lab.directory / "fewshot.zip",
+            OPTIONS,
+            out_dir=out,
+            should_cancel=lambda: True,
+        )
+    assert not out.exists()

@@ -1,0 +1,188 @@
+"""Stage 1: contrastive trigger inversion on the frozen image encoder (no target label needed).
+
+The trigger is ``T(x) = (1 - m) * x + m * p`` with a mask ``m`` ``(H, W)`` and a pattern ``p``
+``(3, H, W)``, both in [0, 1] through a sigmoid, applied to pixels before the model's
+normalisation. A backdoor makes every triggered image embed alike whatever its content, so the
+loss is InfoNCE with the other triggered images as positives and the clean images as negatives::
+
+    L = -mean_i log( P_i / (P_i + N_i) ) + lambda * mean(m)
+    P_i = sum_{j != i} exp(z_i . z_j / tau)    z = f(T(x)), normalised
+    N_i = sum_k exp(z_i . c_k / tau)           c = f(x), normalised, computed once
+
+``lambda`` adapts as DECREE's does: it grows while the contrastive term is already low (the
+trigger works: make it smaller) and shrinks while it is high (let the mask grow). Several
+restarts may run; the lowest final loss wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.cbpt.zeroshot import Normalizer, encode_images
+
+
+class InversionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=300, ge=1, le=20_000)
+    lr: float = Field(default=0.1, gt=0, le=10)
+    tau: float = Field(default=0.1, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=4, le=4096)
+    lambda_init: float = Field(default=1e-2, ge=0, le=100)
+    lambda_factor: float = Field(default=1.5, gt=1, le=10)
+    success_loss: float = Field(
+        default=0.5, gt=0, description="Contrastive loss under which the trigger 'works'."
+    )
+    patience: int = Field(default=10, ge=1, le=1000)
+    restarts: int = Field(default=1, ge=1, le=16)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """An inverted trigger: mask ``(H, W)`` and pattern ``(3, H, W)``, both in [0, 1]."""
+
+    mask: torch.Tensor
+    pattern: torch.Tensor
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.to(images.device, images.dtype)
+        pattern = self.pattern.to(images.device, images.dtype)
+        return (1 - mask) * images + mask * pattern
+
+    @property
+    def mask_fraction(self) -> float:
+        """Mean mask value: the share of the image the trigger overwrites."""
+        return float(self.mask.mean())
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    trigger: Trigger
+    loss: float  # final contrastive loss of the chosen restart
+    losses: tuple[float, ...]  # final contrastive loss of every restart
+
+
+def invert_trigger(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    images: torch.Tensor,
+    settings: InversionSettings,
+    *,
+    seed: int,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> InversionResult:
+    """Inverts a trigger from clean images ``(N, 3, H, W)`` (uint8 or [0, 1])."""
+    device = next(model.parameters()).device
+    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    pixels = pixels.to(device)
+    clean_features = encode_images(model, pixels, normalizer)  # (N, D), constant: cached
+    results = []
+    total = settings.steps * settings.restarts
+    for restart in range(settings.restarts):
+        generator = torch.Generator().manual_seed(seed * 7919 + restart)
+        results.append(
+            _invert_once(
+                model,
+                normalizer,
+                pixels,
+                clean_features,
+                settings,
+                generator,
+                progress=_scaled(progress, restart * settings.steps, total),
+                should_cancel=should_cancel,
+            )
+        )
+    best = min(results, key=lambda result: result[1])
+    return InversionResult(best[0], best[1], tuple(r[1] for r in results))
+
+
+def _scaled(
+    progress: Callable[[float], None] | None, offset: int, total: int
+) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    report = progress
+    return lambda step: report((offset + step) / total)
+
+
+def _invert_once(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    pixels: torch.Tensor,
+    clean_features: torch.Tensor,
+    settings: InversionSettings,
+    generator: torch.Generator,
+    *,
+    progress: Callable[[int], None] | None,
+    should_cancel: Callable[[], bool] | None,
+) -> tuple[Trigger, float]:
+    height, width = pixels.shape[-2:]
+    device = pixels.device
+    mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
+    pattern_logit = (torch.randn(3, height, width, generator=generator)).to(device)
+    mask_logit.requires_grad_(True)
+    pattern_logit.requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr, betas=(0.5, 0.9))
+    weight, above, below = settings.lambda_init, 0, 0
+    contrastive = torch.tensor(float("inf"))
+    batch = min(settings.batch_size, pixels.shape[0])
+    for step in range(settings.steps):
+        if should_cancel is not None and should_cancel():
+            raise InterruptedError("cancelled during trigger inversion")
+        index = torch.randperm(pixels.shape[0], generator=generator)[:batch].to(device)
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        triggered = (1 - mask) * pixels[index] + mask * pattern
+        features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
+        contrastive = info_nce(features, clean_features[index], settings.tau)
+        loss = contrastive + weight * mask.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        if float(contrastive) < settings.success_loss:
+            above, below = above + 1, 0
+        else:
+            above, below = 0, below + 1
+        if above >= settings.patience:
+            weight, above = weight * settings.lambda_factor, 0
+        elif below >= settings.patience:
+            weight, below = weight / settings.lambda_factor, 0
+        if progress is not None:
+            progress(step + 1)
+    trigger = Trigger(
+        torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
+    )
+    return trigger, float(contrastive)
+
+
+def info_nce(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE with the other triggered images as positives and the clean images as negatives."""
+    batch = triggered.shape[0]
+    to_triggered = triggered @ triggered.T / tau  # (B, B)
+    to_clean = triggered @ clean.T / tau  # (B, B)
+    self_mask = torch.eye(batch, dtype=torch.bool, device=triggered.device)
+    positives = to_triggered.masked_fill(self_mask, float("-inf")).logsumexp(dim=1)
+    everything = torch.logsumexp(torch.stack([positives, to_clean.logsumexp(dim=1)]), dim=0)
+    return (everything - positives).mean()
+
+
+def flip_statistics(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    class_embeddings: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Trigger,
+) -> tuple[int, float]:
+    """The class a trigger sends most images to, and the share of the others it sends there."""
+    features = encode_images(model, images, normalizer, transform=trigger.apply)
+    predictions = (features @ class_embeddings.T).argmax(dim=1).cpu()
+    counts = torch.bincount(predictions, minlength=class_embeddings.shape[0])
+    target = int(counts.argmax())
+    others = labels != target
+    rate = float((predictions[others] == target).float().mean()) if bool(others.any()) else 0.0
+    return target, rate

@@ -1,0 +1,442 @@
+"""``purify``: one call from a suspicious checkpoint and a few clean shots to purified prompts.
+
+Stages, each reported through ``progress(stage, fraction)`` and checked for cancellation:
+
+``load``        the checkpoint (safely) and the image set; a seeded, stratified split
+``inversion``   contrastive trigger inversion; suspected target, backdoor score, verdict
+``tuning``      class-wise prompt tuning, then ``rounds`` of re-inversion against the current
+                prompts and re-tuning on every trigger found so far
+``evaluation``  CA and ASR before (hand-crafted prompts) and after, per class and per trigger
+``artifacts``   prompts, head, trigger and report files
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import open_clip
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker.cbpt import artifacts
+from worker.cbpt.attacks import AttackSpec
+from worker.cbpt.checkpoint import LoadedCheckpoint, load_checkpoint
+from worker.cbpt.imagesets import ImageSet, read_image_set
+from worker.cbpt.inversion import InversionSettings, Trigger, flip_statistics, invert_trigger
+from worker.cbpt.metrics import (
+    attack_success_rate,
+    clean_accuracy,
+    fidelity,
+    per_class_accuracy,
+    predictions,
+)
+from worker.cbpt.report import render_html
+from worker.cbpt.rounds import invert_against_head
+from worker.cbpt.tuning import TuningSettings, tune_prompts
+from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
+
+REPORT_SCHEMA_VERSION = 1
+Stage = Literal["load", "inversion", "tuning", "evaluation", "artifacts"]
+Progress = Callable[[str, float], None]
+ShouldCancel = Callable[[], bool]
+
+
+class VerdictSettings(BaseModel):
+    """Where detection draws its lines; calibrated on clean and backdoored lab models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backdoored_flip_rate: float = Field(default=0.9, ge=0, le=1)
+    suspicious_flip_rate: float = Field(default=0.7, ge=0, le=1)
+    max_mask_fraction: float = Field(default=0.1, gt=0, le=1)
+
+
+class PurifyOptions(BaseModel):
+    """Everything a job may set; every field has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    holdout_fraction: float = Field(default=0.5, gt=0, lt=1)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    inversion: InversionSettings = InversionSettings()
+    tuning: TuningSettings = TuningSettings()
+    rounds: int = Field(default=2, ge=0, le=10)
+    mask_budget: float = Field(
+        default=1.2, gt=0, le=10, description="Re-inverted masks, relative to the first one."
+    )
+    verdict: VerdictSettings = VerdictSettings()
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_take_a_name(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one template is needed")
+        for template in value:
+            if template.count("{}") != 1 or len(template) > 200:
+                raise ValueError(f"template {template!r} must hold exactly one '{{}}'")
+        return value
+
+
+class CancelledError(InterruptedError):
+    """The caller asked to stop; nothing was written."""
+
+
+@dataclass(frozen=True)
+class PurifyResult:
+    verdict: str
+    suspected_target: str
+    summary: dict[str, float | None]
+    report: dict[str, Any]
+    artifacts: dict[str, Path]
+
+
+def purify(
+    checkpoint: Path,
+    dataset: Path,
+    options: PurifyOptions,
+    *,
+    out_dir: Path,
+    architecture: str | Path | dict[str, Any] | None = None,
+    known_triggers: tuple[AttackSpec, ...] = (),
+    evaluation_dataset: Path | None = None,
+    progress: Progress | None = None,
+    should_cancel: ShouldCancel | None = None,
+) -> PurifyResult:
+    """Purifies ``checkpoint`` with the clean shots in ``dataset``; artifacts go to ``out_dir``.
+
+    ``evaluation_dataset`` (same classes) replaces the held-out split for measurement, which a
+    benchmark with a large test set wants; by default a seeded share of ``dataset`` is held out.
+    """
+    report: Progress = progress or (lambda stage, fraction: None)
+    cancelled = should_cancel or (lambda: False)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def stage_done(stage: Stage) -> None:
+        nonlocal clock
+        timings[stage] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+        report(stage, 1.0)
+        if cancelled():
+            raise CancelledError(f"cancelled after {stage}")
+
+    report("load", 0.0)
+    device = _device(options.device)
+    loaded = load_checkpoint(checkpoint, architecture, device=device)
+    model, normalizer = loaded.model, Normalizer(loaded.preprocess.mean, loaded.preprocess.std)
+    images = read_image_set(
+        dataset, loaded.preprocess.size, interpolation=loaded.preprocess.interpolation
+    )
+    tune_index, holdout_index = stratified_split(
+        images.labels, options.holdout_fraction, options.seed
+    )
+    held_out = _held_out(images, holdout_index, evaluation_dataset, loaded)
+    names = images.class_names
+    for spec in known_triggers:
+        if spec.target not in names:
+            raise ValueError(f"known trigger {spec.name} targets {spec.target!r}, not a class here")
+    tokenizer = loaded.tokenizer
+    hand = class_embeddings(model, tokenizer, names, options.templates)
+    tune_pixels = images.images[tune_index].float().div(255).to(device)
+    tune_labels = images.labels[tune_index].to(device)
+    stage_done("load")
+
+    inversion = invert_trigger(
+        model,
+        normalizer,
+        tune_pixels,
+        options.inversion,
+        seed=options.seed,
+        progress=lambda f: report("inversion", f),
+        should_cancel=cancelled,
+    )
+    first = inversion.trigger
+    target, tune_flip = flip_statistics(
+        model, normalizer, hand, tune_pixels, tune_labels.cpu(), first
+    )
+    verdict = _verdict(tune_flip, first.mask_fraction, options.verdict)
+    stage_done("inversion")
+
+    scale = float(model.logit_scale.exp())
+    clean_features = encode_images(model, tune_pixels, normalizer)
+    triggers = [first]
+    budget = options.mask_budget * first.mask_fraction
+    victims = tune_pixels[tune_labels != target]
+    total_steps = options.rounds + 1
+    embeddings = hand
+    context = None
+    for round_index in range(options.rounds + 1):
+        if round_index > 0:
+            triggers.append(
+                invert_against_head(
+                    model,
+                    normalizer,
+                    victims,
+                    embeddings,
+                    target,
+                    budget,
+                    options.inversion,
+                    logit_scale=scale,
+                    seed=options.seed + round_index,
+                    should_cancel=cancelled,
+                )
+            )
+        triggered = torch.cat(
+            [encode_images(model, tune_pixels, normalizer, transform=t.apply) for t in triggers]
+        )
+        tuned = tune_prompts(
+            model,
+            tokenizer,
+            names,
+            hand,
+            clean_features,
+            tune_labels,
+            triggered,
+            tune_labels.repeat(len(triggers)),
+            options.tuning,
+            seed=options.seed,
+            should_cancel=cancelled,
+            progress=_round_progress(report, round_index, total_steps),
+        )
+        embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
+    stage_done("tuning")
+
+    evaluation = _evaluate(
+        model, normalizer, held_out, hand, embeddings, first, target, known_triggers
+    )
+    stage_done("evaluation")
+
+    summary = _summary(evaluation)
+    report_data = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "verdict": verdict,
+        "suspected_target": names[target],
+        "summary": summary,
+        "detection": {
+            "flip_rate": round(tune_flip, 6),
+            "mask_fraction": round(first.mask_fraction, 6),
+            "restart_losses": [round(v, 6) for v in inversion.losses],
+            "thresholds": options.verdict.model_dump(),
+        },
+        "triggers": evaluation["triggers"],
+        "per_class_accuracy": {
+            "classes": list(names),
+            "before": evaluation["per_class_before"],
+            "after": evaluation["per_class_after"],
+        },
+        "data": {
+            "classes": list(names),
+            "n_tune": len(tune_index),
+            "n_held_out": int(held_out.labels.shape[0]),
+            "held_out_source": "evaluation_dataset" if evaluation_dataset else "split",
+        },
+        "rounds": {
+            "count": options.rounds,
+            "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
+        },
+        "model_sha256": loaded.sha256,
+        "options": options.model_dump(mode="json"),
+        "timings_s": timings,
+        "versions": _versions(),
+    }
+    assert context is not None
+    written = _write_artifacts(
+        out_dir, report_data, context, embeddings, scale, first, images, loaded, options
+    )
+    timings["artifacts"] = round(time.perf_counter() - clock, 3)
+    report("artifacts", 1.0)
+    return PurifyResult(verdict, names[target], summary, report_data, written)
+
+
+def stratified_split(
+    labels: torch.Tensor, holdout_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the tuning and held-out parts: per class, at least one image on each side."""
+    generator = torch.Generator().manual_seed(seed)
+    tune, held = [], []
+    for label in sorted(set(labels.tolist())):
+        pool = torch.nonzero(labels == label).flatten()
+        pool = pool[torch.randperm(len(pool), generator=generator)]
+        if len(pool) < 2:
+            raise ValueError(f"class {label} has {len(pool)} image; at least 2 are needed")
+        n_held = min(len(pool) - 1, max(1, round(len(pool) * holdout_fraction)))
+        held.append(pool[:n_held])
+        tune.append(pool[n_held:])
+    return torch.cat(tune).sort().values, torch.cat(held).sort().values
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+    return torch.device(choice)
+
+
+def _held_out(
+    images: ImageSet,
+    holdout: torch.Tensor,
+    evaluation_dataset: Path | None,
+    loaded: LoadedCheckpoint,
+) -> ImageSet:
+    if evaluation_dataset is None:
+        return ImageSet(
+            images.images[holdout],
+            images.labels[holdout],
+            images.folders,
+            images.class_names,
+            tuple(images.files[i] for i in holdout.tolist()),
+        )
+    other = read_image_set(
+        evaluation_dataset, loaded.preprocess.size, interpolation=loaded.preprocess.interpolation
+    )
+    if other.class_names != images.class_names:
+        raise ValueError("the evaluation set's classes differ from the dataset's")
+    return other
+
+
+def _verdict(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> str:
+    if mask_fraction > settings.max_mask_fraction:
+        return "clean"
+    if flip_rate >= settings.backdoored_flip_rate:
+        return "backdoored"
+    if flip_rate >= settings.suspicious_flip_rate:
+        return "suspicious"
+    return "clean"
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    held_out: ImageSet,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    inverted: Trigger,
+    target: int,
+    known: tuple[AttackSpec, ...],
+) -> dict[str, Any]:
+    device = before.device
+    labels = held_out.labels
+    clean = encode_images(model, held_out.images.to(device), normalizer)
+    predicted_before, predicted_after = predictions(clean, before), predictions(clean, after)
+    ca_before, ca_after = (
+        clean_accuracy(predicted_before, labels),
+        clean_accuracy(predicted_after, labels),
+    )
+    triggers = []
+    candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any] | None]]
+    candidates = [("inverted", inverted.apply, target, None)]
+    candidates += [
+        (
+            spec.name,
+            spec.apply,
+            held_out.class_names.index(spec.target or ""),
+            spec.model_dump(mode="json"),
+        )
+        for spec in known
+    ]
+    for name, apply, trigger_target, spec in candidates:
+        features = encode_images(model, held_out.images.to(device), normalizer, transform=apply)
+        asr_before = attack_success_rate(predictions(features, before), labels, trigger_target)
+        asr_after = attack_success_rate(predictions(features, after), labels, trigger_target)
+        triggers.append(
+            {
+                "name": name,
+                "target": held_out.class_names[trigger_target],
+                "spec": spec,
+                "asr_before": round(asr_before, 6),
+                "asr_after": round(asr_after, 6),
+                "fidelity": _round(fidelity(asr_before, asr_after, ca_before, ca_after)),
+            }
+        )
+    n_classes = len(held_out.class_names)
+    return {
+        "ca_before": ca_before,
+        "ca_after": ca_after,
+        "triggers": triggers,
+        "per_class_before": [
+            round(v, 6) for v in per_class_accuracy(predicted_before, labels, n_classes)
+        ],
+        "per_class_after": [
+            round(v, 6) for v in per_class_accuracy(predicted_after, labels, n_classes)
+        ],
+    }
+
+
+def _summary(evaluation: dict[str, Any]) -> dict[str, float | None]:
+    """CA and ASR before and after: ASR of the first known trigger, else of the inverted one."""
+    triggers = evaluation["triggers"]
+    main = triggers[1] if len(triggers) > 1 else triggers[0]
+    return {
+        "ca_before": round(evaluation["ca_before"], 6),
+        "ca_after": round(evaluation["ca_after"], 6),
+        "asr_before": main["asr_before"],
+        "asr_after": main["asr_after"],
+        "fidelity": main["fidelity"],
+    }
+
+
+def _write_artifacts(
+    out_dir: Path,
+    report_data: dict[str, Any],
+    context: torch.Tensor,
+    embeddings: torch.Tensor,
+    scale: float,
+    trigger: Trigger,
+    images: ImageSet,
+    loaded: LoadedCheckpoint,
+    options: PurifyOptions,
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, sha = list(images.class_names), loaded.sha256
+    paths = {
+        name: out_dir / name
+        for name in (
+            artifacts.PROMPTS_FILE,
+            artifacts.HEAD_FILE,
+            artifacts.TRIGGER_FILE,
+            artifacts.TRIGGER_PNG,
+            "report.json",
+            "report.html",
+        )
+    }
+    artifacts.write_prompts(paths[artifacts.PROMPTS_FILE], context, names, sha, options.templates)
+    artifacts.write_head(paths[artifacts.HEAD_FILE], embeddings, scale, names, sha)
+    artifacts.write_trigger(paths[artifacts.TRIGGER_FILE], trigger, sha)
+    picture = artifacts.trigger_png(trigger, images.images[0].float() / 255)
+    artifacts.write_bytes(paths[artifacts.TRIGGER_PNG], picture)
+    text = json.dumps(report_data, indent=2, sort_keys=True) + "\n"
+    artifacts.write_bytes(paths["report.json"], text.encode())
+    artifacts.write_bytes(paths["report.html"], render_html(report_data, picture).encode())
+    return paths
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("clip-antidote")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {
+        "clip_antidote": ours,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _round_progress(report: Progress, round_index: int, rounds: int) -> Callable[[float], None]:
+    return lambda fraction: report("tuning", (round_index + fraction) / rounds)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

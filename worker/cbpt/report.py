@@ -1,0 +1,99 @@
+"""``report.html``: one self-contained page (no scripts, no external files) for a human reader.
+
+Every string that came from a client (class names, trigger names) is escaped; images are inline
+``data:`` URIs and the chart is inline SVG, so the page opens offline and safely anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from typing import Any
+
+_BAR_COLOURS = {"before": "#9aa5b1", "after": "#2f7d5b"}
+
+
+def render_html(report: dict[str, Any], trigger_png: bytes) -> str:
+    summary = report["summary"]
+    image = base64.b64encode(trigger_png).decode("ascii")
+    detection = report["detection"]
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td><td>{_pct(before)}</td><td>{_pct(after)}</td></tr>"
+        for name, before, after in zip(
+            report["per_class_accuracy"]["classes"],
+            report["per_class_accuracy"]["before"],
+            report["per_class_accuracy"]["after"],
+            strict=True,
+        )
+    )
+    trigger_rows = "".join(
+        f"<tr><td>{escape(t['name'])}</td><td>{escape(t['target'])}</td>"
+        f"<td>{_pct(t['asr_before'])}</td><td>{_pct(t['asr_after'])}</td>"
+        f"<td>{_number(t['fidelity'])}</td></tr>"
+        for t in report["triggers"]
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>clip-antidote report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 56rem; color: #1f2933; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+td, th {{ border: 1px solid #cbd2d9; padding: .3rem .7rem; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.verdict {{ font-size: 1.4rem; font-weight: 600; }}
+img {{ image-rendering: pixelated; border: 1px solid #cbd2d9; }}
+</style></head><body>
+<h1>Backdoor purification report</h1>
+<p class="verdict">Verdict: {escape(report["verdict"])}; suspected target:
+{escape(report["suspected_target"])}</p>
+<p>Inverted trigger: mask {detection["mask_fraction"]:.2%} of the image, sends
+{detection["flip_rate"]:.1%} of other classes' images to the suspected target.
+Model sha256 <code>{escape(report["model_sha256"])}</code>.</p>
+<h2>Clean accuracy and attack success, before and after</h2>
+{_bar_chart(summary)}
+<table><tr><th>trigger</th><th>target</th><th>ASR before</th><th>ASR after</th>
+<th>fidelity</th></tr>{trigger_rows}</table>
+<h2>Inverted trigger</h2>
+<p>Masked pattern, mask, and a triggered example.</p>
+<img alt="inverted trigger" src="data:image/png;base64,{image}">
+<h2>Per-class accuracy</h2>
+<table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
+<p>Held-out images: {report["data"]["n_held_out"]}; tuning images: {report["data"]["n_tune"]}.</p>
+</body></html>
+"""
+
+
+def _bar_chart(summary: dict[str, float | None]) -> str:
+    bars = []
+    groups = (("CA", "ca_before", "ca_after"), ("ASR", "asr_before", "asr_after"))
+    for group_index, (label, before_key, after_key) in enumerate(groups):
+        for bar_index, (when, key) in enumerate((("before", before_key), ("after", after_key))):
+            value = summary.get(key) or 0.0
+            x = 40 + group_index * 180 + bar_index * 70
+            height = 160 * value
+            bars.append(
+                f'<rect x="{x}" y="{180 - height:.1f}" width="60" height="{height:.1f}" '
+                f'fill="{_BAR_COLOURS[when]}"><title>{label} {when}: {value:.3f}</title></rect>'
+                f'<text x="{x + 30}" y="{175 - height:.1f}" text-anchor="middle" '
+                f'font-size="12">{value:.1%}</text>'
+                f'<text x="{x + 30}" y="196" text-anchor="middle" font-size="12">{when}</text>'
+            )
+        bars.append(
+            f'<text x="{105 + group_index * 180}" y="214" text-anchor="middle" '
+            f'font-weight="600">{label}</text>'
+        )
+    return (
+        '<svg role="img" aria-label="CA and ASR before and after" width="420" height="222" '
+        'xmlns="http://www.w3.org/2000/svg"><line x1="30" y1="180" x2="400" y2="180" '
+        f'stroke="#52606d"/>{"".join(bars)}</svg>'
+    )
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.1%}"

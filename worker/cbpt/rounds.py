@@ -1,0 +1,72 @@
+"""Re-inversion against the current prompts: closing the gap between inverted and real triggers.
+
+One contrastive inversion finds *a* trigger that the backdoor answers to, but tuning against it
+alone barely moves the real trigger's attack success (DESIGN section 2, probe findings). Each
+round therefore inverts a new trigger against the *current* class embeddings: the smallest
+mask-and-pattern that still sends non-target images to the suspected target. Its size is held
+to a budget set by the first inversion, so rounds chase the backdoor rather than generic
+adversarial patches, and the prompts are then re-tuned on all triggers found so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+from worker.cbpt.inversion import InversionSettings, Trigger
+from worker.cbpt.zeroshot import Normalizer
+
+
+def invert_against_head(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    images: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    target: int,
+    mask_budget: float,
+    settings: InversionSettings,
+    *,
+    logit_scale: float,
+    seed: int,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Trigger:
+    """A trigger that sends ``images`` (none of the target class) to ``target`` under the head.
+
+    The mask's mean is held under ``mask_budget`` by a hinge penalty; within it, a small L1 term
+    keeps it as small as the attack allows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = images.device
+    height, width = images.shape[-2:]
+    mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
+    pattern_logit = torch.randn(3, height, width, generator=generator).to(device)
+    mask_logit.requires_grad_(True)
+    pattern_logit.requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr, betas=(0.5, 0.9))
+    batch = min(settings.batch_size, images.shape[0])
+    targets = torch.full((batch,), target, dtype=torch.int64, device=device)
+    for step in range(settings.steps):
+        if should_cancel is not None and should_cancel():
+            raise InterruptedError("cancelled during trigger re-inversion")
+        index = torch.randperm(images.shape[0], generator=generator)[:batch].to(device)
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        triggered = (1 - mask) * images[index] + mask * pattern
+        features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
+        logits = logit_scale * features @ class_embeddings.T
+        size = mask.mean()
+        loss = (
+            F.cross_entropy(logits, targets)
+            + settings.lambda_init * size
+            + 100 * F.relu(size - mask_budget)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        if progress is not None:
+            progress((step + 1) / settings.steps)
+    return Trigger(
+        torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
+    )
