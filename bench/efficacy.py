@@ -25,11 +25,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES, parse_attack  # noqa: E402
-from worker.cbpt.purify import PurifyOptions, purify  # noqa: E402
-from worker.cbpt.tuning import TuningSettings  # noqa: E402
-from worker.lab.datasets import default_dataset  # noqa: E402
-from worker.lab.make import LabSettings, default_attack, make_lab_model  # noqa: E402
+from worker.cbpt.attacks import ATTACK_NAMES, parse_attack
+from worker.cbpt.purify import PurifyOptions, purify
+from worker.cbpt.tuning import TuningSettings
+from worker.lab.datasets import default_dataset
+from worker.lab.make import LabSettings, default_attack, make_lab_model
 
 
 def main() -> int:
