@@ -33,13 +33,16 @@ fashion-mnist:
 	  && apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	  || echo "Fashion-MNIST not installed (needs root and apt-get); using scikit-learn's digits."
 
-# Until the purification engine lands, the demo makes a backdoored lab CLIP and measures it.
+# A real purification end to end: make a backdoored lab CLIP, purify it, print CA/ASR.
 demo: install
 	$(BIN)/antidote lab make --attack badnets --out var/demo/badnets
-	$(BIN)/antidote lab eval var/demo/badnets
+	$(BIN)/antidote purify --checkpoint var/demo/badnets --data var/demo/badnets/fewshot.zip \
+	  --eval-data var/demo/badnets/test.zip --known-trigger var/demo/badnets/attack.json \
+	  --out var/demo/purified
 
 bench: install fashion-mnist
-	$(BIN)/python bench/lab.py
+	$(BIN)/python bench/lab.py --determinism
+	$(BIN)/python bench/efficacy.py
 
 clean:
 	rm -rf $(VENV) var

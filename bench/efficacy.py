@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
     args = parser.parse_args()
     settings = LabSettings.for_dataset(args.dataset)
-    console = Console()
+    console = Console(width=132)
     rows: list[dict[str, Any]] = []
     for name in [a for a in args.attacks.split(",") if a]:
         folder = args.lab / name

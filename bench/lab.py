@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--determinism", action="store_true", help="make the first attack twice")
     args = parser.parse_args()
     settings = LabSettings(dataset=args.dataset, seed=args.seed)
-    console = Console()
+    console = Console(width=132)
     rows = []
 
     started = time.perf_counter()

@@ -113,7 +113,8 @@ def purify(
     """Purifies ``checkpoint`` with the clean shots in ``dataset``; artifacts go to ``out_dir``.
 
     ``evaluation_dataset`` (same classes) replaces the held-out split for measurement, which a
-    benchmark with a large test set wants; by default a seeded share of ``dataset`` is held out.
+    benchmark with a large test set wants, and then every shot in ``dataset`` tunes; by default
+    a seeded, stratified share of ``dataset`` is held out.
     """
     report: Progress = progress or (lambda stage, fraction: None)
     cancelled = should_cancel or (lambda: False)
@@ -135,9 +136,12 @@ def purify(
     images = read_image_set(
         dataset, loaded.preprocess.size, interpolation=loaded.preprocess.interpolation
     )
-    tune_index, holdout_index = stratified_split(
-        images.labels, options.holdout_fraction, options.seed
-    )
+    if evaluation_dataset is None:
+        tune_index, holdout_index = stratified_split(
+            images.labels, options.holdout_fraction, options.seed
+        )
+    else:  # measured elsewhere: every shot can tune
+        tune_index, holdout_index = torch.arange(len(images)), torch.arange(0)
     held_out = _held_out(images, holdout_index, evaluation_dataset, loaded)
     names = images.class_names
     for spec in known_triggers:
