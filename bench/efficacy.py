@@ -82,6 +82,8 @@ def main() -> int:
                         "verdict": result.verdict,
                         "seconds": round(seconds, 1),
                         **summary,
+                        "flip_rate": result.report["detection"]["flip_rate"],
+                        "mask_fraction": result.report["detection"]["mask_fraction"],
                     }
                 )
                 console.print(
@@ -113,6 +115,8 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         "model",
         "seed",
         "verdict",
+        "flip",
+        "mask",
         "CA none",
         "ASR none",
         "CA CoOp",
@@ -133,6 +137,8 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
             model,
             str(seed),
             cbpt["verdict"],
+            _f(cbpt["flip_rate"]),
+            _f(cbpt["mask_fraction"]),
             _f(cbpt["ca_before"]),
             _f(cbpt["asr_before"]),
             _f(coop["ca_after"]),

@@ -32,10 +32,10 @@ class InversionSettings(BaseModel):
     lr: float = Field(default=0.1, gt=0, le=10)
     tau: float = Field(default=0.1, gt=0, le=10)
     batch_size: int = Field(default=64, ge=4, le=4096)
-    lambda_init: float = Field(default=1e-2, ge=0, le=100)
+    lambda_init: float = Field(default=1e-3, ge=0, le=100)
     lambda_factor: float = Field(default=1.5, gt=1, le=10)
     success_loss: float = Field(
-        default=0.5, gt=0, description="Contrastive loss under which the trigger 'works'."
+        default=0.2, gt=0, description="Contrastive loss under which the trigger 'works'."
     )
     patience: int = Field(default=10, ge=1, le=1000)
     restarts: int = Field(default=1, ge=1, le=16)
@@ -143,7 +143,7 @@ def _invert_once(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-        if float(contrastive) < settings.success_loss:
+        if contrastive.item() < settings.success_loss:
             above, below = above + 1, 0
         else:
             above, below = 0, below + 1
@@ -156,7 +156,7 @@ def _invert_once(
     trigger = Trigger(
         torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
     )
-    return trigger, float(contrastive)
+    return trigger, contrastive.item()
 
 
 def info_nce(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.Tensor:

@@ -52,8 +52,8 @@ class VerdictSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backdoored_flip_rate: float = Field(default=0.9, ge=0, le=1)
-    suspicious_flip_rate: float = Field(default=0.7, ge=0, le=1)
+    backdoored_flip_rate: float = Field(default=0.8, ge=0, le=1)
+    suspicious_flip_rate: float = Field(default=0.6, ge=0, le=1)
     max_mask_fraction: float = Field(default=0.1, gt=0, le=1)
 
 
