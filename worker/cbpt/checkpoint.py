@@ -150,6 +150,8 @@ def load_checkpoint(
     is an open_clip model name, a config JSON path or dict (bare or hub-style); it may be left out
     when the weights come with ``open_clip_config.json``.
     """
+    if not weights.exists():
+        raise UnsupportedFormatError(f"{weights} does not exist")
     if weights.is_dir():
         return _load_hub_folder(weights, architecture, device)
     if is_archive(weights) and sniff_format(weights) not in ("torch-zip", "torchscript"):
