@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from worker.cbpt.zeroshot import Normalizer, encode_images
 
 
+class CancelledError(InterruptedError):
+    """The caller asked to stop between steps; nothing was written."""
+
+
 class InversionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,6 +61,38 @@ class Trigger:
     def mask_fraction(self) -> float:
         """Mean mask value: the share of the image the trigger overwrites."""
         return float(self.mask.mean())
+
+
+class TriggerParameters:
+    """Mask and pattern in sigmoid space with their optimiser: what every inversion fits."""
+
+    def __init__(
+        self, height: int, width: int, generator: torch.Generator, device: torch.device, lr: float
+    ) -> None:
+        # A faint start (sigmoid(-3) ~ 5%) lets the mask grow where the loss wants it.
+        self.mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
+        self.pattern_logit = torch.randn(3, height, width, generator=generator).to(device)
+        self.mask_logit.requires_grad_(True)
+        self.pattern_logit.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(
+            [self.mask_logit, self.pattern_logit], lr=lr, betas=(0.5, 0.9)
+        )
+
+    def stamp(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triggered images and the mask, differentiable in both parameters."""
+        mask, pattern = torch.sigmoid(self.mask_logit), torch.sigmoid(self.pattern_logit)
+        return (1 - mask) * images + mask * pattern, mask
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+
+    def trigger(self) -> Trigger:
+        return Trigger(
+            torch.sigmoid(self.mask_logit).detach().cpu(),
+            torch.sigmoid(self.pattern_logit).detach().cpu(),
+        )
 
 
 @dataclass(frozen=True)
@@ -123,26 +159,18 @@ def _invert_once(
 ) -> tuple[Trigger, float]:
     height, width = pixels.shape[-2:]
     device = pixels.device
-    mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
-    pattern_logit = (torch.randn(3, height, width, generator=generator)).to(device)
-    mask_logit.requires_grad_(True)
-    pattern_logit.requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr, betas=(0.5, 0.9))
+    parameters = TriggerParameters(height, width, generator, device, settings.lr)
     weight, above, below = settings.lambda_init, 0, 0
     contrastive = torch.tensor(float("inf"))
     batch = min(settings.batch_size, pixels.shape[0])
     for step in range(settings.steps):
         if should_cancel is not None and should_cancel():
-            raise InterruptedError("cancelled during trigger inversion")
+            raise CancelledError("cancelled during trigger inversion")
         index = torch.randperm(pixels.shape[0], generator=generator)[:batch].to(device)
-        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-        triggered = (1 - mask) * pixels[index] + mask * pattern
+        triggered, mask = parameters.stamp(pixels[index])
         features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
         contrastive = info_nce(features, clean_features[index], settings.tau)
-        loss = contrastive + weight * mask.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+        parameters.step(contrastive + weight * mask.mean())
         if contrastive.item() < settings.success_loss:
             above, below = above + 1, 0
         else:
@@ -153,10 +181,7 @@ def _invert_once(
             weight, below = weight / settings.lambda_factor, 0
         if progress is not None:
             progress(step + 1)
-    trigger = Trigger(
-        torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
-    )
-    return trigger, contrastive.item()
+    return parameters.trigger(), contrastive.item()
 
 
 def info_nce(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.Tensor:

@@ -28,7 +28,13 @@ from worker.cbpt import artifacts
 from worker.cbpt.attacks import AttackSpec
 from worker.cbpt.checkpoint import LoadedCheckpoint, load_checkpoint
 from worker.cbpt.imagesets import ImageSet, read_image_set
-from worker.cbpt.inversion import InversionSettings, Trigger, flip_statistics, invert_trigger
+from worker.cbpt.inversion import (
+    CancelledError,
+    InversionSettings,
+    Trigger,
+    flip_statistics,
+    invert_trigger,
+)
 from worker.cbpt.metrics import (
     attack_success_rate,
     clean_accuracy,
@@ -83,10 +89,6 @@ class PurifyOptions(BaseModel):
             if template.count("{}") != 1 or len(template) > 200:
                 raise ValueError(f"template {template!r} must hold exactly one '{{}}'")
         return value
-
-
-class CancelledError(InterruptedError):
-    """The caller asked to stop; nothing was written."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-from worker.cbpt.inversion import InversionSettings, Trigger
+from worker.cbpt.inversion import CancelledError, InversionSettings, Trigger, TriggerParameters
 from worker.cbpt.zeroshot import Normalizer
 
 
@@ -41,19 +41,14 @@ def invert_against_head(
     generator = torch.Generator().manual_seed(seed)
     device = images.device
     height, width = images.shape[-2:]
-    mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
-    pattern_logit = torch.randn(3, height, width, generator=generator).to(device)
-    mask_logit.requires_grad_(True)
-    pattern_logit.requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr, betas=(0.5, 0.9))
+    parameters = TriggerParameters(height, width, generator, device, settings.lr)
     batch = min(settings.batch_size, images.shape[0])
     targets = torch.full((batch,), target, dtype=torch.int64, device=device)
     for step in range(settings.steps):
         if should_cancel is not None and should_cancel():
-            raise InterruptedError("cancelled during trigger re-inversion")
+            raise CancelledError("cancelled during trigger re-inversion")
         index = torch.randperm(images.shape[0], generator=generator)[:batch].to(device)
-        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-        triggered = (1 - mask) * images[index] + mask * pattern
+        triggered, mask = parameters.stamp(images[index])
         features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
         logits = logit_scale * features @ class_embeddings.T
         size = mask.mean()
@@ -62,11 +57,7 @@ def invert_against_head(
             + settings.lambda_init * size
             + 100 * F.relu(size - mask_budget)
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+        parameters.step(loss)
         if progress is not None:
             progress((step + 1) / settings.steps)
-    return Trigger(
-        torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
-    )
+    return parameters.trigger()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.cbpt.inversion import CancelledError
 from worker.cbpt.prompts import ClassPrompts, Tokenizer, encode_prompts
 
 
@@ -77,7 +78,7 @@ def tune_prompts(
     loss = torch.tensor(0.0)
     for step in range(settings.steps):
         if should_cancel is not None and should_cancel():
-            raise InterruptedError("cancelled during prompt tuning")
+            raise CancelledError("cancelled during prompt tuning")
         text = encode_prompts(model, prompts(), prompts.tokens)  # (C, D)
         loss = F.cross_entropy(scale * clean_features @ text.T, clean_labels)
         if backdoor is not None:
