@@ -174,6 +174,7 @@ def purify(
     scale = float(model.logit_scale.exp())
     clean_features = encode_images(model, tune_pixels, normalizer)
     triggers = [first]
+    triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
     budget = options.mask_budget * first.mask_fraction
     victims = tune_pixels[tune_labels != target]
     total_steps = options.rounds + 1
@@ -195,9 +196,10 @@ def purify(
                     should_cancel=cancelled,
                 )
             )
-        triggered = torch.cat(
-            [encode_images(model, tune_pixels, normalizer, transform=t.apply) for t in triggers]
+        triggered_features.append(
+            encode_images(model, tune_pixels, normalizer, transform=triggers[-1].apply)
         )
+        triggered = torch.cat(triggered_features)
         tuned = tune_prompts(
             model,
             tokenizer,
