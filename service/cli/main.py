@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from service.cli import lab
+from service.cli import lab, remote, server
 from service.cli.purify import purify
 
 # Model weights never come from a hub here: fail fast instead of trying the network.
@@ -19,3 +19,15 @@ app = typer.Typer(
 )
 app.add_typer(lab.app, name="lab")
 app.command("purify")(purify)
+app.command("serve")(server.serve)
+app.add_typer(server.db_app, name="db")
+app.add_typer(server.keys_app, name="keys")
+app.command("submit")(remote.submit)
+app.command("status")(remote.status)
+app.command("wait")(remote.wait)
+app.command("download")(remote.download)
+app.command("cancel")(remote.cancel)
+
+
+if __name__ == "__main__":
+    app()

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from worker.cbpt.archives import ArchiveError, ArchiveLimits, is_archive, open_archive
 
 HUB_CONFIG = "open_clip_config.json"
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth"})
 HUB_WEIGHTS = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.bin",
@@ -192,7 +193,14 @@ def _load_hub_folder(
     for name in HUB_WEIGHTS:
         if (folder / name).is_file():
             return _build(read_state_dict(folder / name), model_cfg, preprocess_cfg, device)
-    raise UnsupportedFormatError(f"no weights file found; expected one of {', '.join(HUB_WEIGHTS)}")
+    # Training runs name their weights after the epoch; a single such file is unambiguous.
+    others = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
+    if len(others) == 1:
+        return _build(read_state_dict(others[0]), model_cfg, preprocess_cfg, device)
+    raise UnsupportedFormatError(
+        f"expected one weights file: {', '.join(HUB_WEIGHTS)}, or a single .safetensors, "
+        f".bin, .pt or .pth file; found {len(others)} others"
+    )
 
 
 def _hub_root(root: Path) -> Path:

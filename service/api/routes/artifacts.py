@@ -1,0 +1,92 @@
+"""A job's artifacts: strong ETags (their sha256), 304 on a match, and single byte ranges."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from service.api.deps import PrincipalDep, SessionDep, StateDep
+from service.api.routes.jobs import _own_job
+from service.api.schemas import ArtifactList, ArtifactOut
+from service.errors import not_found
+from service.models import Artifact, Job
+
+router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+
+def _listing(job: Job, rows: list[Artifact]) -> list[ArtifactOut]:
+    return [
+        ArtifactOut(
+            name=row.name,
+            size=row.size,
+            sha256=row.sha256,
+            url=f"/v1/jobs/{job.id}/artifacts/{row.name}",
+        )
+        for row in rows
+    ]
+
+
+@router.get("", response_model=ArtifactList)
+def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) -> ArtifactList:
+    job = _own_job(session, principal, job_id)
+    rows = session.execute(
+        select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)
+    ).scalars()
+    return ArtifactList(artifacts=_listing(job, list(rows)))
+
+
+@router.get(
+    "/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "One byte range"},
+        304: {"description": "Matches If-None-Match"},
+    },
+)
+def get_artifact(
+    job_id: str,
+    name: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+    range_header: Annotated[str | None, Header(alias="range")] = None,
+) -> Response:
+    job = _own_job(session, principal, job_id)
+    row = session.get(Artifact, (job.id, name)) if len(name) <= 64 else None
+    if row is None:
+        raise not_found("artifact", name)
+    etag = f'"sha256:{row.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "Repr-Digest": f"sha-256=:{_b64(row.sha256)}:",
+    }
+    if if_none_match is not None and _matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    path = state.blobs.path(row.sha256)
+    if range_header is not None and "," in range_header:
+        # Multi-range answers are rarely right in practice; ignoring Range is allowed (RFC 9110).
+        headers["Accept-Ranges"] = "bytes"
+        return Response(path.read_bytes(), media_type=row.media_type, headers=headers)
+    return FileResponse(
+        path,
+        media_type=row.media_type,
+        headers=headers,
+        filename=name,
+        content_disposition_type="attachment",
+    )
+
+
+def _matches(header: str, etag: str) -> bool:
+    candidates = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in candidates or etag in candidates
+
+
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()

@@ -1,0 +1,76 @@
+"""``PUT /v1/files``: a raw streamed upload into the content-addressed blob store."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import ClientDisconnect
+
+from service.api.deps import PrincipalDep, SessionDep, StateDep
+from service.api.schemas import FileOut
+from service.blobs import BlobTooLargeError
+from service.errors import Problem
+from service.models import File
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def file_id(tenant: str, sha256: str) -> str:
+    """Stable per tenant and content: the same bytes again give the same id."""
+    return "file_" + hashlib.sha256(f"{tenant}\n{sha256}".encode()).hexdigest()[:32]
+
+
+@router.put(
+    "",
+    status_code=201,
+    response_model=FileOut,
+    openapi_extra=UPLOAD_BODY,
+    responses={413: {"description": "Over the upload cap"}},
+)
+async def upload_file(
+    request: Request, principal: PrincipalDep, state: StateDep, session: SessionDep
+) -> FileOut:
+    """Streams the body to a temp file, hashing as it goes; 413 the moment the cap is crossed."""
+    limit = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "CONTENT_LENGTH_INVALID", "Content-Length is not a number")
+        if int(declared) > limit:
+            state.metrics.uploads_rejected.labels("UPLOAD_TOO_LARGE").inc()
+            raise Problem(413, "UPLOAD_TOO_LARGE", f"uploads are capped at {limit} bytes")
+    with state.blobs.writer(limit) as writer:
+        try:
+            async for chunk in request.stream():
+                writer.write(chunk)
+        except BlobTooLargeError as exc:
+            state.metrics.uploads_rejected.labels("UPLOAD_TOO_LARGE").inc()
+            raise Problem(413, "UPLOAD_TOO_LARGE", f"uploads are capped at {limit} bytes") from exc
+        except ClientDisconnect as exc:
+            raise Problem(400, "UPLOAD_INCOMPLETE", "the client went away mid-upload") from exc
+        if declared is not None and writer.size != int(declared):
+            raise Problem(400, "UPLOAD_INCOMPLETE", "the body is shorter than Content-Length")
+        if writer.size == 0:
+            raise Problem(400, "UPLOAD_EMPTY", "the body is empty")
+        blob = writer.commit()
+    state.metrics.upload_bytes.inc(blob.size)
+    ident = file_id(principal.tenant, blob.sha256)
+    existing = session.get(File, ident)
+    if existing is None:
+        session.add(File(id=ident, tenant=principal.tenant, sha256=blob.sha256, size=blob.size))
+        try:
+            session.commit()
+        except IntegrityError:  # the same bytes raced in from a parallel upload
+            session.rollback()
+            session.execute(select(File).where(File.id == ident)).scalar_one()
+    return FileOut(id=ident, sha256=blob.sha256, size=blob.size)

@@ -1,0 +1,75 @@
+"""RFC 9457 problem details: one error type, one stable ``code`` per failure, one handler.
+
+Codes are UPPER_SNAKE and never change meaning; clients branch on ``code``, people read
+``detail``. A job's ``error`` field uses the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_BASE = "https://clip-antidote.dev/problems/"
+
+
+class Problem(Exception):  # noqa: N818 - the RFC 9457 name
+    """An error with an HTTP status and a stable code; raised anywhere, rendered once."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or code.replace("_", " ").capitalize()
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None, request_id: str | None = None) -> dict[str, Any]:
+        return problem_body(
+            self.status,
+            self.code,
+            self.detail,
+            title=self.title,
+            instance=instance,
+            request_id=request_id,
+            **self.extra,
+        )
+
+
+def problem_body(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    instance: str | None = None,
+    request_id: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + code.lower().replace("_", "-"),
+        "title": title or code.replace("_", " ").capitalize(),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    return body
+
+
+def not_found(kind: str, ident: str) -> Problem:
+    """The same answer whether the id does not exist or belongs to another tenant."""
+    return Problem(404, f"{kind.upper()}_NOT_FOUND", f"no {kind} {ident!r}")

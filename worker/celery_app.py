@@ -1,0 +1,60 @@
+"""The Celery app: one task, one queue per accelerator kind, at-least-once delivery.
+
+Delivery is at least once (``acks_late`` + ``task_reject_on_worker_lost``): a job survives a
+worker killed mid-run. Running it at most once at a time is the database's job: the task claims
+the job with a compare-and-set update and a lease (see ``service.jobs``), so a redelivered or
+republished message for a job already held does nothing.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Queue
+
+from service.settings import Settings, get_settings
+
+TASK_NAME = "antidote.purify"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("antidote", broker=settings.broker, include=["worker.tasks"])
+    hard = settings.hard_time_limit_s
+    transport: dict[str, object] = {}
+    if settings.embedded:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    else:
+        # Redis hands an unacknowledged message to another worker after this long; it must
+        # outlast the longest job, or a running job would be delivered again mid-run.
+        transport = {"visibility_timeout": hard + 2 * 3600}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # the database is the source of truth
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_time_limit=hard,
+        task_soft_time_limit=settings.soft_limit_s,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport,
+        visibility_timeout=transport.get("visibility_timeout"),
+        broker_connection_retry_on_startup=True,
+        task_queues=(Queue(settings.worker_queue),),  # type: ignore[no-untyped-call]
+        task_default_queue=settings.worker_queue,
+        task_create_missing_queues=False,
+        task_routes={TASK_NAME: {"queue": settings.worker_queue}},
+    )
+    return app
+
+
+app = make_celery(get_settings())

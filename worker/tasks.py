@@ -1,0 +1,258 @@
+"""The one task: claim a job, run ``purify`` on it, publish its artifacts, record the outcome.
+
+It carries only the job id; everything else is read from the database and the blob store, so a
+message redelivered hours later still does the right thing (usually nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service import jobs
+from service.blobs import BlobStore
+from service.db import session_factory, transaction
+from service.errors import problem_body
+from service.models import Artifact, File, Job, JobState
+from service.settings import Settings, get_settings
+from worker.celery_app import TASK_NAME, app
+
+log = structlog.get_logger()
+
+MEDIA_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".html": "text/html; charset=utf-8",
+}
+
+
+@app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+def run_job(self: Any, job_id: str) -> None:
+    run(job_id, get_settings())
+
+
+def run(job_id: str, settings: Settings) -> None:
+    factory = session_factory(settings.database)
+    with transaction(factory) as session:
+        held = jobs.claim(
+            session, job_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts
+        )
+    if held is None:
+        log.info("job.skipped", job_id=job_id, reason="not claimable")
+        return
+    structlog.contextvars.bind_contextvars(job_id=job_id, attempt=held.attempt)
+    log.info("job.started")
+    beat = _Heartbeat(factory, held, settings)
+    beat.start()
+    outcome: tuple[JobState, dict[str, Any] | None, dict[str, Any] | None]
+    try:
+        outcome = (JobState.SUCCEEDED, _purify(job_id, factory, settings, beat), None)
+    except jobs.LostClaimError:
+        log.warning("job.claim_lost")
+        return
+    except _CancelledByClientError:
+        outcome = (JobState.CANCELLED, None, None)
+    except SoftTimeLimitExceeded:
+        limit = problem_body(
+            500, "TIME_LIMIT", f"the job ran past its {settings.soft_limit_s} s time limit"
+        )
+        outcome = (JobState.FAILED, None, limit)
+    except Exception as exc:  # every failure must reach the job record, whatever it is
+        problem = _error_of(exc)
+        outcome = (JobState.FAILED, None, problem)
+        log.exception("job.failed", code=problem["code"])
+    finally:
+        beat.stop()
+    state, result, error = outcome
+    try:
+        with transaction(factory) as session:
+            if state is JobState.CANCELLED:
+                jobs.mark_cancelled(session, held)
+            else:
+                jobs.finish(session, held, state, result=result, error=error)
+    except jobs.LostClaimError:
+        log.warning("job.claim_lost_at_finish")
+        return
+    log.info("job.finished", state=state.value)
+    structlog.contextvars.unbind_contextvars("job_id", "attempt")
+
+
+class _CancelledByClientError(Exception):
+    pass
+
+
+class _Heartbeat:
+    """Renews the lease from a thread, so a long step never looks like a dead worker.
+
+    The engine's progress callback only records the newest stage and fraction; this thread
+    writes them (at most once per ``progress_interval_s``) and brings back the cancel flag.
+    """
+
+    def __init__(self, factory: Any, held: jobs.Claim, settings: Settings) -> None:
+        self._factory = factory
+        self._held = held
+        self._settings = settings
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._stage: str | None = None
+        self._progress: float | None = None
+        self.cancel_requested = False
+        self.lost = False
+        self._thread = threading.Thread(target=self._loop, name="job-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def record(self, stage: str, progress: float) -> None:
+        with self._lock:
+            self._stage, self._progress = stage, progress
+
+    def _loop(self) -> None:
+        interval = max(
+            0.2, min(self._settings.lease_s / 4, self._settings.progress_interval_s or 1.0)
+        )
+        while not self._stop.wait(interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        with self._lock:
+            stage, progress = self._stage, self._progress
+        try:
+            with transaction(self._factory) as session:
+                self.cancel_requested = jobs.heartbeat(
+                    session,
+                    self._held,
+                    lease_s=self._settings.lease_s,
+                    stage=stage,
+                    progress=progress,
+                )
+        except jobs.LostClaimError:
+            self.lost = True
+        except Exception:  # a database blip must not kill the job; the next beat retries
+            log.warning("job.heartbeat_failed", exc_info=True)
+
+
+def _purify(job_id: str, factory: Any, settings: Settings, beat: _Heartbeat) -> dict[str, Any]:
+    from worker.cbpt.attacks import parse_attack
+    from worker.cbpt.inversion import CancelledError
+    from worker.cbpt.purify import PurifyOptions, purify
+
+    store = BlobStore(settings.blobs)
+    with transaction(factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        request = dict(job.request)
+        blobs = {
+            key: session.get(File, request[key])
+            for key in ("checkpoint_file", "dataset_file", "model_config_file")
+            if request.get(key)
+        }
+    paths = {key: store.path(row.sha256) for key, row in blobs.items() if row is not None}
+    options = PurifyOptions.model_validate(request.get("options") or {})
+    triggers = tuple(parse_attack(json.dumps(spec)) for spec in request.get("known_triggers", []))
+    architecture: str | dict[str, Any] | None = request.get("model")
+    if "model_config_file" in paths:
+        architecture = json.loads(paths["model_config_file"].read_text())
+
+    def progress(stage: str, fraction: float) -> None:
+        beat.record(stage, _overall(stage, fraction))
+
+    def should_cancel() -> bool:
+        return beat.cancel_requested or beat.lost
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=store.tmp))
+    try:
+        try:
+            outcome = purify(
+                paths["checkpoint_file"],
+                paths["dataset_file"],
+                options,
+                out_dir=scratch / "out",
+                architecture=architecture,
+                known_triggers=triggers,
+                progress=progress,
+                should_cancel=should_cancel,
+            )
+        except CancelledError as exc:
+            if beat.lost:
+                raise jobs.LostClaimError(job_id) from exc
+            raise _CancelledByClientError from exc
+        artifacts = []
+        with transaction(factory) as session:
+            for name, path in sorted(outcome.artifacts.items()):
+                blob = store.put_file(path)
+                media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+                session.merge(
+                    Artifact(
+                        job_id=job_id,
+                        name=name,
+                        sha256=blob.sha256,
+                        size=blob.size,
+                        media_type=media,
+                    )
+                )
+                artifacts.append(
+                    {
+                        "name": name,
+                        "size": blob.size,
+                        "sha256": blob.sha256,
+                        "url": f"/v1/jobs/{job_id}/artifacts/{name}",
+                    }
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "verdict": outcome.verdict,
+        "suspected_target": outcome.suspected_target,
+        "summary": outcome.summary,
+        "artifacts": artifacts,
+    }
+
+
+# Share of the whole job each stage takes, from timings on the lab models.
+_STAGE_SPANS = {
+    "load": (0.0, 0.05),
+    "inversion": (0.05, 0.35),
+    "tuning": (0.35, 0.85),
+    "evaluation": (0.85, 0.97),
+    "artifacts": (0.97, 1.0),
+}
+
+
+def _overall(stage: str, fraction: float) -> float:
+    start, end = _STAGE_SPANS.get(stage, (0.0, 1.0))
+    return start + (end - start) * max(0.0, min(1.0, fraction))
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    """A problem object with the engine's stable code for bad input; INTERNAL for our faults."""
+    from pydantic import ValidationError
+
+    from worker.cbpt.archives import ArchiveError
+    from worker.cbpt.checkpoint import CheckpointError
+    from worker.cbpt.imagesets import ImageSetError
+
+    if isinstance(exc, CheckpointError):
+        return problem_body(422, exc.code.upper(), str(exc))
+    if isinstance(exc, ArchiveError):
+        return problem_body(422, "DATASET_UNSAFE", str(exc))
+    if isinstance(exc, ImageSetError):
+        return problem_body(422, "DATASET_INVALID", str(exc))
+    if isinstance(exc, ValidationError):
+        return problem_body(422, "OPTIONS_INVALID", str(exc))
+    if isinstance(exc, MemoryError):
+        return problem_body(500, "OUT_OF_MEMORY", "the worker ran out of memory")
+    return problem_body(500, "INTERNAL", f"{type(exc).__name__}: {exc}")
