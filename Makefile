@@ -33,11 +33,11 @@ fashion-mnist:
 	  && apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	  || echo "Fashion-MNIST not installed (needs root and apt-get); using scikit-learn's digits."
 
-# A real purification end to end: make a backdoored lab CLIP, purify it, print CA/ASR.
+# The product end to end: make a backdoored lab CLIP, start the embedded service (API and a real
+# Celery worker), submit through the HTTP client, follow progress, download, print CA/ASR.
 demo: install
 	$(BIN)/antidote lab make --attack badnets --out var/demo/badnets
-	$(BIN)/antidote purify --checkpoint var/demo/badnets --data var/demo/badnets/fewshot.zip \
-	  --eval-data var/demo/badnets/test.zip --known-trigger var/demo/badnets/attack.json \
+	ANTIDOTE_DATA_DIR=var/demo/service $(BIN)/antidote demo --lab var/demo/badnets \
 	  --out var/demo/purified
 
 bench: install fashion-mnist

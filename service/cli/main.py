@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from service.cli import lab, remote, server
+from service.cli import demo, lab, remote, server
 from service.cli.purify import purify
 
 # Model weights never come from a hub here: fail fast instead of trying the network.
@@ -27,6 +27,7 @@ app.command("status")(remote.status)
 app.command("wait")(remote.wait)
 app.command("download")(remote.download)
 app.command("cancel")(remote.cancel)
+app.command("demo")(demo.demo)
 
 
 if __name__ == "__main__":

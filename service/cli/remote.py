@@ -113,14 +113,14 @@ def _follow(client: AntidoteClient, job_id: str, timeout: float | None = None) -
     return False
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
+def _read_object(path: Path, option: str) -> dict[str, Any]:
     try:
-        spec = json.loads(path.read_bytes())
+        loaded = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise typer.BadParameter(f"{path}: {exc}", param_hint="--known-trigger") from exc
-    if not isinstance(spec, dict):
-        raise typer.BadParameter(f"{path}: not a JSON object", param_hint="--known-trigger")
-    return spec
+        raise typer.BadParameter(f"{path}: {exc}", param_hint=option) from exc
+    if not isinstance(loaded, dict):
+        raise typer.BadParameter(f"{path}: not a JSON object", param_hint=option)
+    return loaded
 
 
 def submit(
@@ -135,6 +135,10 @@ def submit(
         typer.Option(help="Attack spec JSON to measure ASR against (repeatable)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seeds the split, inversion and tuning.")] = 0,
+    options: Annotated[
+        Path | None,
+        typer.Option(help="JSON object of job options (inversion, tuning, rounds...)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     url: Url = None,
     api_key: ApiKey = None,
@@ -150,7 +154,8 @@ def submit(
         if not Path(arch).is_file():
             raise typer.BadParameter(f"no such file: {arch}", param_hint="--arch")
         model, model_config = None, Path(arch)
-    specs = [_read_spec(path) for path in known_trigger or []]
+    specs = [_read_object(path, "--known-trigger") for path in known_trigger or []]
+    job_options = {"seed": seed, **(_read_object(options, "--options") if options else {})}
     succeeded = True
     with _client(url, api_key) as client:
         job = client.submit(
@@ -159,7 +164,7 @@ def submit(
             model=model,
             model_config=model_config,
             known_triggers=specs,
-            options={"seed": seed},
+            options=job_options,
         )
         if wait:
             typer.echo(f"submitted job {job.id}", err=True)
