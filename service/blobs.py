@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -53,6 +54,28 @@ class BlobStore:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+    def sweep(self, *, upload_age_s: float, scratch_age_s: float) -> list[Path]:
+        """Removes what a killed process left in ``tmp``: half-written uploads and job scratch.
+
+        Ages are generous because other API replicas and workers share the folder: only files
+        nobody has touched for that long are taken.
+        """
+        now = time.time()
+        removed: list[Path] = []
+        for entry in self.tmp.iterdir():
+            try:
+                age = now - entry.stat().st_mtime
+                if entry.is_dir() and age > scratch_age_s:
+                    shutil.rmtree(entry)
+                elif entry.is_file() and age > upload_age_s:
+                    entry.unlink()
+                else:
+                    continue
+            except FileNotFoundError:  # another replica swept it first
+                continue
+            removed.append(entry)
+        return removed
 
 
 class BlobWriter:

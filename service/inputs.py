@@ -73,7 +73,7 @@ def _check_model_config(path: Path) -> None:
         raise Problem(422, "MODEL_CONFIG_INVALID", "model_config_file is over 1 MiB")
     try:
         loaded = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
         raise bad from exc
     if not isinstance(loaded, dict):
         raise bad

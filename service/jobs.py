@@ -200,7 +200,13 @@ def _cancelled() -> dict[str, Any]:
     return problem_body(409, "CANCELLED", "the job was cancelled at the client's request")
 
 
-def reap(session: Session, *, max_attempts: int, requeue_pending_after_s: float) -> list[str]:
+def reap(
+    session: Session,
+    *,
+    max_attempts: int,
+    requeue_pending_after_s: float,
+    time_limit_s: float | None = None,
+) -> list[str]:
     """Hands back jobs whose worker vanished; returns the ids to publish again.
 
     A RUNNING job whose lease lapsed goes back to PENDING (or FAILED once it has used its
@@ -210,6 +216,26 @@ def reap(session: Session, *, max_attempts: int, requeue_pending_after_s: float)
     """
     now = utcnow()
     lapsed = Job.lease_until < now
+    if time_limit_s is not None:
+        # Killed at the hard time limit: running it again would only hit the limit again.
+        session.execute(
+            update(Job)
+            .where(
+                Job.state == JobState.RUNNING.value,
+                lapsed,
+                Job.start_time < now - timedelta(seconds=time_limit_s),
+            )
+            .values(
+                state=JobState.FAILED.value,
+                error=problem_body(
+                    500, "TIME_LIMIT", f"the job ran past its {time_limit_s:.0f} s time limit"
+                ),
+                end_time=now,
+                update_time=now,
+                runner=None,
+                lease_until=None,
+            )
+        )
     session.execute(
         update(Job)
         .where(Job.state == JobState.CANCELLING.value, lapsed)

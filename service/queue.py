@@ -41,8 +41,14 @@ def reap_and_republish(state: AppState) -> list[str]:
             session,
             max_attempts=settings.max_attempts,
             requeue_pending_after_s=settings.requeue_pending_after_s,
+            time_limit_s=settings.hard_time_limit_s,
         )
     if due:
         log.info("jobs.republish", count=len(due))
         publish(state, due)
+    swept = state.blobs.sweep(
+        upload_age_s=settings.stale_upload_s, scratch_age_s=settings.hard_time_limit_s + 600
+    )
+    if swept:
+        log.info("blobs.swept", count=len(swept))
     return due

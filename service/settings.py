@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     requeue_pending_after_s: float = Field(
         default=1800.0, gt=0, description="Re-publish PENDING jobs whose message may be lost."
     )
+    stale_upload_s: float = Field(
+        default=3600.0, gt=0, description="Half-written uploads older than this are swept."
+    )
     progress_interval_s: float = Field(default=1.0, ge=0, description="Throttle of DB writes.")
     worker_queue: str = Field(default="gpu", description="The queue purification tasks go to.")
 

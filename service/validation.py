@@ -28,6 +28,7 @@ from worker.cbpt.archives import (
     Member,
     is_archive,
     open_archive,
+    refuse_many_zip_members,
 )
 
 # Checkpoints -----------------------------------------------------------------------------------
@@ -252,6 +253,12 @@ def _check_checkpoint_archive(
 ) -> CheckpointInfo:
     """A torch zip (accepted as is), a TorchScript zip (refused), or a zip or tar hub folder."""
     if zipfile.is_zipfile(path):
+        try:  # counted before zipfile parses every entry, however many there are
+            refuse_many_zip_members(path, ArchiveLimits().max_members)
+        except ArchiveError as exc:
+            raise InputError(
+                "CHECKPOINT_FORMAT_UNSUPPORTED", f"checkpoint archive refused: {exc}"
+            ) from exc
         try:
             with zipfile.ZipFile(path) as bundle:
                 names = bundle.namelist()

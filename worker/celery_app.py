@@ -8,12 +8,46 @@ republished message for a job already held does nothing.
 
 from __future__ import annotations
 
-from celery import Celery
-from kombu.entity import Queue
+import os
+import uuid
+from pathlib import Path
+from time import monotonic
+from typing import Any
 
+from celery import Celery, signals
+from kombu.entity import Queue
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
+
+from service.logs import configure_logging
 from service.settings import Settings, get_settings
 
 TASK_NAME = "antidote.purify"
+
+
+class _WholeMessageChannel(filesystem.Channel):
+    """kombu's filesystem channel creates a message's file and then writes it: a worker that
+    lists the folder in between takes an empty message, fails to decode it and stops, and the
+    job's message is lost with it. Writing under a name no consumer matches (it starts with a
+    dot) and renaming it into place makes a message appear whole or not at all."""
+
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"  # kombu's own order
+        final = Path(self.data_folder_out) / name
+        staging = final.with_name(f".{name}.part")
+        try:
+            staging.write_bytes(dumps(payload).encode())  # type: ignore[no-untyped-call]
+            os.replace(staging, final)
+        except OSError as exc:
+            staging.unlink(missing_ok=True)
+            raise ChannelError(f"Cannot add file {str(final)!r} to directory") from exc
+
+
+class WholeMessageTransport(filesystem.Transport):
+    """The embedded broker: kombu's filesystem transport, with whole-message writes."""
+
+    Channel = _WholeMessageChannel
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -31,6 +65,7 @@ def make_celery(settings: Settings) -> Celery:
             "control_folder": str(folder / "control"),
             "store_processed": False,
         }
+        app.conf.broker_transport = f"{__name__}:WholeMessageTransport"
     else:
         # Redis hands an unacknowledged message to another worker after this long; it must
         # outlast the longest job, or a running job would be delivered again mid-run.
@@ -55,6 +90,12 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={TASK_NAME: {"queue": settings.worker_queue}},
     )
     return app
+
+
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
+def _json_logs(**_: Any) -> None:
+    """Worker logs are JSON lines like the API's; connecting here stops Celery's own setup."""
+    configure_logging()
 
 
 app = make_celery(get_settings())

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
 from service.blobs import BlobStore
@@ -34,8 +35,8 @@ MEDIA_TYPES = {
 }
 
 
-@app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
-def run_job(self: Any, job_id: str) -> None:
+@app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
+def run_job(job_id: str) -> None:
     run(job_id, get_settings())
 
 
@@ -49,12 +50,21 @@ def run(job_id: str, settings: Settings) -> None:
         log.info("job.skipped", job_id=job_id, reason="not claimable")
         return
     structlog.contextvars.bind_contextvars(job_id=job_id, attempt=held.attempt)
+    try:
+        _run_claimed(held, factory, settings)
+    finally:
+        structlog.contextvars.unbind_contextvars("job_id", "attempt")
+
+
+def _run_claimed(held: jobs.Claim, factory: sessionmaker[Session], settings: Settings) -> None:
     log.info("job.started")
     beat = _Heartbeat(factory, held, settings)
     beat.start()
     outcome: tuple[JobState, dict[str, Any] | None, dict[str, Any] | None]
+    published: list[Artifact] = []
     try:
-        outcome = (JobState.SUCCEEDED, _purify(job_id, factory, settings, beat), None)
+        succeeded, published = _purify(held.job_id, factory, settings, beat)
+        outcome = (JobState.SUCCEEDED, succeeded, None)
     except jobs.LostClaimError:
         log.warning("job.claim_lost")
         return
@@ -78,11 +88,12 @@ def run(job_id: str, settings: Settings) -> None:
                 jobs.mark_cancelled(session, held)
             else:
                 jobs.finish(session, held, state, result=result, error=error)
+                for artifact in published:  # listed only once the job has succeeded
+                    session.merge(artifact)
     except jobs.LostClaimError:
         log.warning("job.claim_lost_at_finish")
         return
     log.info("job.finished", state=state.value)
-    structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
 
 class _CancelledByClientError(Exception):
@@ -96,7 +107,9 @@ class _Heartbeat:
     writes them (at most once per ``progress_interval_s``) and brings back the cancel flag.
     """
 
-    def __init__(self, factory: Any, held: jobs.Claim, settings: Settings) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], held: jobs.Claim, settings: Settings
+    ) -> None:
         self._factory = factory
         self._held = held
         self._settings = settings
@@ -145,7 +158,10 @@ class _Heartbeat:
             log.warning("job.heartbeat_failed", exc_info=True)
 
 
-def _purify(job_id: str, factory: Any, settings: Settings, beat: _Heartbeat) -> dict[str, Any]:
+def _purify(
+    job_id: str, factory: sessionmaker[Session], settings: Settings, beat: _Heartbeat
+) -> tuple[dict[str, Any], list[Artifact]]:
+    """Runs the engine; returns the result and the artifact rows, already in the blob store."""
     from worker.cbpt.attacks import parse_attack
     from worker.cbpt.inversion import CancelledError
     from worker.cbpt.purify import PurifyOptions, purify
@@ -190,36 +206,27 @@ def _purify(job_id: str, factory: Any, settings: Settings, beat: _Heartbeat) -> 
             if beat.lost:
                 raise jobs.LostClaimError(job_id) from exc
             raise _CancelledByClientError from exc
-        artifacts = []
-        with transaction(factory) as session:
-            for name, path in sorted(outcome.artifacts.items()):
-                blob = store.put_file(path)
-                media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-                session.merge(
-                    Artifact(
-                        job_id=job_id,
-                        name=name,
-                        sha256=blob.sha256,
-                        size=blob.size,
-                        media_type=media,
-                    )
+        artifacts: list[dict[str, Any]] = []
+        rows: list[Artifact] = []
+        for name, path in sorted(outcome.artifacts.items()):
+            blob = store.put_file(path)
+            media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+            rows.append(
+                Artifact(
+                    job_id=job_id, name=name, sha256=blob.sha256, size=blob.size, media_type=media
                 )
-                artifacts.append(
-                    {
-                        "name": name,
-                        "size": blob.size,
-                        "sha256": blob.sha256,
-                        "url": f"/v1/jobs/{job_id}/artifacts/{name}",
-                    }
-                )
+            )
+            url = f"/v1/jobs/{job_id}/artifacts/{name}"
+            artifacts.append({"name": name, "size": blob.size, "sha256": blob.sha256, "url": url})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {
+    result: dict[str, Any] = {
         "verdict": outcome.verdict,
         "suspected_target": outcome.suspected_target,
         "summary": outcome.summary,
         "artifacts": artifacts,
     }
+    return result, rows
 
 
 # Share of the whole job each stage takes, from timings on the lab models.
@@ -244,6 +251,7 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
     from worker.cbpt.archives import ArchiveError
     from worker.cbpt.checkpoint import CheckpointError
     from worker.cbpt.imagesets import ImageSetError
+    from worker.cbpt.purify import InputMismatchError
 
     if isinstance(exc, CheckpointError):
         return problem_body(422, exc.code.upper(), str(exc))
@@ -251,6 +259,8 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
         return problem_body(422, "DATASET_UNSAFE", str(exc))
     if isinstance(exc, ImageSetError):
         return problem_body(422, "DATASET_INVALID", str(exc))
+    if isinstance(exc, InputMismatchError):
+        return problem_body(422, exc.code, str(exc))
     if isinstance(exc, ValidationError):
         return problem_body(422, "OPTIONS_INVALID", str(exc))
     if isinstance(exc, MemoryError):

@@ -13,9 +13,11 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.routes import artifacts, files, health, jobs
+from service.api.schemas import PROBLEM_CONTENT, JobRequest
 from service.api.schemas import Problem as ProblemSchema
 from service.api.state import AppState
 from service.blobs import BlobStore
@@ -42,6 +44,22 @@ HTTP_CODES = {
 }
 
 
+# Named in the document by reference only (error responses, see ``problem_responses``, and the
+# hand-written job request body), so FastAPI does not collect them by itself.
+REFERENCED_MODELS: tuple[type[BaseModel], ...] = (ProblemSchema, JobRequest)
+
+
+class _App(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """Without these, the document's references dangle: code generators fail on them, and
+        checks of a response against it cannot resolve the schema."""
+        document = super().openapi()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in REFERENCED_MODELS:
+            schemas.setdefault(model.__name__, model.model_json_schema())
+        return document
+
+
 def create_app(settings: Settings | None = None, *, reaper: bool = True) -> FastAPI:
     settings = settings or get_settings()
     configure_logging()
@@ -57,19 +75,22 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_reap_forever(state)) if reaper else None
+        task = None
+        if reaper:
+            await _reap_once(state)  # what a crash left behind
+            task = asyncio.create_task(_reap_forever(state))
         yield
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = FastAPI(
+    app = _App(
         title="clip-antidote",
         version="1",
         summary="Purifies backdoored CLIP models with class-wise backdoor prompt tuning.",
         lifespan=lifespan,
-        responses={"default": {"model": ProblemSchema, "description": "RFC 9457 problem"}},
+        responses={"default": {"description": "RFC 9457 problem", "content": PROBLEM_CONTENT}},
     )
     app.state.antidote = state
     for module in (files, jobs, artifacts, health):
@@ -94,10 +115,14 @@ async def _reap_forever(state: AppState) -> None:
     """Every replica reaps; the compare-and-set updates make that safe."""
     while True:
         await asyncio.sleep(state.settings.reaper_interval_s)
-        try:
-            await run_in_threadpool(reap_and_republish, state)
-        except Exception:  # a database outage must not end the loop
-            log.warning("reaper.failed", exc_info=True)
+        await _reap_once(state)
+
+
+async def _reap_once(state: AppState) -> None:
+    try:
+        await run_in_threadpool(reap_and_republish, state)
+    except Exception:  # a database outage must not stop the API or end the loop
+        log.warning("reaper.failed", exc_info=True)
 
 
 def _problem_response(request: Request, problem: Problem) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 Starlette's form parser spools file parts to the system temp dir with no size cap before the
 route runs; this one feeds each file part straight into a blob writer under the upload cap and
-keeps only the small JSON part in memory.
+keeps only the small JSON part in memory. File parts stay temp files until ``commit``: a body
+that breaks off, crosses the cap or fails validation leaves no blob that nothing refers to.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MAX_JSON_BYTES = 1024 * 1024
 
 
 class MultipartUpload:
-    """Collects ``request`` (bytes) and file parts (blobs) from one multipart body."""
+    """Collects ``request`` (bytes) and file parts (temp files, ``blobs`` once committed)."""
 
     def __init__(self, content_type: str, store: BlobStore, limit: int) -> None:
         kind, params = parse_options_header(content_type)
@@ -31,6 +32,7 @@ class MultipartUpload:
         self._store = store
         self._limit = limit
         self.blobs: dict[str, Blob] = {}
+        self.parts: dict[str, BlobWriter] = {}  # complete file parts, not yet published
         self.request = b""
         self._writers: list[BlobWriter] = []
         self._header_field = b""
@@ -56,19 +58,30 @@ class MultipartUpload:
                 if self._error:
                     raise self._error
             self._parser.finalize()
+            if self._error:
+                raise self._error
         except BlobTooLargeError as exc:
+            self.discard()
             raise Problem(
                 413, "UPLOAD_TOO_LARGE", f"uploads are capped at {self._limit} bytes"
             ) from exc
         except Problem:
+            self.discard()
             raise
         except Exception as exc:  # the parser's own errors: a malformed body
+            self.discard()
             raise Problem(400, "MULTIPART_INVALID", f"malformed multipart body: {exc}") from exc
-        finally:
-            for writer in self._writers:
-                writer.discard()
-        if self._error:
-            raise self._error
+
+    def commit(self) -> dict[str, Blob]:
+        """Publishes the file parts into the blob store; call it once the request is valid."""
+        for name, writer in self.parts.items():
+            self.blobs[name] = writer.commit()
+        return self.blobs
+
+    def discard(self) -> None:
+        """Drops every temp file not yet committed; harmless after ``commit``."""
+        for writer in self._writers:
+            writer.discard()
 
     def _part_begin(self) -> None:
         self._headers, self._header_field, self._name, self._writer = {}, b"", None, None
@@ -90,7 +103,7 @@ class MultipartUpload:
         if name not in (*FILE_PARTS, JSON_PART):
             self._error = Problem(400, "MULTIPART_INVALID", f"unexpected part {name!r}")
             return
-        if name in self.blobs or (name == JSON_PART and self.request):
+        if name in self.parts or (name == JSON_PART and self.request):
             self._error = Problem(400, "MULTIPART_INVALID", f"part {name!r} sent twice")
             return
         self._name = name
@@ -112,4 +125,4 @@ class MultipartUpload:
         if self._error or self._name is None:
             return
         if self._writer is not None:
-            self.blobs[self._name] = self._writer.commit()
+            self.parts[self._name] = self._writer

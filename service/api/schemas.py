@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import PROBLEM_MEDIA_TYPE
 
 
 class FileOut(BaseModel):
@@ -97,3 +100,27 @@ class Problem(BaseModel):
     code: str
     instance: str | None = None
     request_id: str | None = None
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+    seconds: float
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, Check]
+
+
+PROBLEM_CONTENT = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The errors a route can answer, as ``responses=``. Not ``model=Problem``: FastAPI would
+    then document them as ``application/json``, and clients that check the content type (or
+    generate code from it) would reject the ``application/problem+json`` we send."""
+    return {
+        status: {"description": HTTPStatus(status).phrase, "content": PROBLEM_CONTENT}
+        for status in statuses
+    }

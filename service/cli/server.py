@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -44,12 +45,39 @@ def serve(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate if migrate is not None else settings.database_url is None:
         upgrade(settings.database)
-    worker = None if api_only else start_worker()
+    supervisor = None if api_only else WorkerSupervisor()
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
     finally:
-        if worker is not None:
-            stop_worker(worker)
+        if supervisor is not None:
+            supervisor.stop()
+
+
+class WorkerSupervisor:
+    """Keeps one embedded worker process alive: a worker killed (say by the OOM killer) is
+    started again, and its job comes back through the lease and the reaper."""
+
+    def __init__(self, backoff_s: float = 2.0) -> None:
+        self._backoff_s = backoff_s
+        self._stopping = threading.Event()
+        self.worker = start_worker()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            code = self.worker.poll()
+            if code is None:
+                continue
+            err.print(f"worker exited with code {code}; starting a new one")
+            if self._stopping.wait(self._backoff_s):
+                return
+            self.worker = start_worker()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        stop_worker(self.worker)
 
 
 def start_worker(extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

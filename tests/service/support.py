@@ -86,3 +86,32 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc (no psutil needed on Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name sits in parentheses and may hold spaces; fields follow the last ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def worker_processes(server: Server) -> tuple[int, list[int]]:
+    """The Celery main process under ``antidote serve`` and its pool children."""
+    for pid in children(server.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"celery" in command:
+            return pid, children(pid)
+    raise LookupError("no Celery worker under the server process")

@@ -282,6 +282,8 @@ def test_page_tokens_are_opaque_and_checked(api: TestClient) -> None:
     other_filter = {"page_token": token, "state": "FAILED"}
     assert_problem(api.get("/v1/jobs", params=other_filter), 400, "PAGE_TOKEN_INVALID")
     assert_problem(api.get("/v1/jobs", params={"page_size": -1}), 422, "REQUEST_INVALID")
+    non_ascii = {"page_token": token.partition(".")[0] + ".\u00e9"}
+    assert_problem(api.get("/v1/jobs", params=non_ascii), 400, "PAGE_TOKEN_INVALID")
 
 
 def test_tenants_see_only_their_own_things(api: TestClient, settings: Settings) -> None:

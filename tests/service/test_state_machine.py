@@ -178,3 +178,16 @@ def test_the_reaper_fails_a_job_lost_on_its_last_attempt(sessions: sessionmaker[
     assert job.state == "FAILED"
     assert job.error is not None
     assert job.error["code"] == "WORKER_LOST"
+
+
+def test_the_reaper_fails_a_job_killed_at_its_time_limit(sessions: sessionmaker[Session]) -> None:
+    job_id = _pending(sessions)
+    assert _claim(sessions, job_id, lease_s=0.01) is not None
+    time.sleep(0.05)
+    with transaction(sessions) as session:
+        due = jobs.reap(session, max_attempts=3, requeue_pending_after_s=3600, time_limit_s=0.02)
+    assert job_id not in due
+    job = _job(sessions, job_id)
+    assert job.state == "FAILED"
+    assert job.error is not None
+    assert job.error["code"] == "TIME_LIMIT"

@@ -8,10 +8,12 @@ up front, from the archive's directory alone.
 
 from __future__ import annotations
 
+import struct
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 
 class ArchiveError(ValueError):
@@ -65,9 +67,10 @@ def open_archive(path: Path, limits: ArchiveLimits | None = None) -> Archive:
     limits = limits or ArchiveLimits()
     try:
         if zipfile.is_zipfile(path):
+            refuse_many_zip_members(path, limits.max_members)
             archive: Archive = _ZipArchive(path)
         elif tarfile.is_tarfile(path):
-            archive = _TarArchive(path)
+            archive = _TarArchive(path, limits)
         else:
             raise ArchiveError("not a zip or tar archive")
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
@@ -82,6 +85,60 @@ def open_archive(path: Path, limits: ArchiveLimits | None = None) -> Archive:
 
 def is_archive(path: Path) -> bool:
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+
+_ZIP_END = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # the fixed part zipfile reads
+_ZIP_CENTRAL_SIGNATURE = b"PK\x01\x02"
+
+
+def refuse_many_zip_members(path: Path, max_members: int) -> None:
+    """Counts a zip's central directory entries from its raw bytes, before ``zipfile`` does.
+
+    ``zipfile`` builds an object per entry (tens of microseconds each) before the count can be
+    looked at, and it walks the directory by its size, not by the count the end record declares:
+    a few megabytes of empty members would hold the API for seconds. Counting entry signatures
+    stops just past the limit instead. A name holding the signature can only over-count, which
+    refuses the archive that carries it.
+    """
+    with path.open("rb") as stream:
+        start, end = _zip_directory_span(stream)
+        stream.seek(start)
+        count, carry, left = 0, b"", end - start
+        while left > 0 and count <= max_members:
+            chunk = stream.read(min(left, 1024**2))
+            if not chunk:
+                break
+            left -= len(chunk)
+            window = carry + chunk
+            count += window.count(_ZIP_CENTRAL_SIGNATURE)
+            carry = window[-(len(_ZIP_CENTRAL_SIGNATURE) - 1) :]
+    if count > max_members:
+        raise ArchiveError(f"the archive has more than {max_members} members")
+
+
+def _zip_directory_span(stream: BinaryIO) -> tuple[int, int]:
+    """Where the central directory lies, from the end records (zip64 ones included)."""
+    size = stream.seek(0, 2)
+    tail_start = max(0, size - _ZIP_END.size - 0xFFFF)  # the record, then a comment
+    stream.seek(tail_start)
+    tail = stream.read()
+    at = len(tail) - _ZIP_END.size  # where it is when there is no comment, as zipfile looks
+    if not (tail[at : at + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0"):
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _ZIP_END.size > len(tail):
+        return 0, 0  # zipfile will not read it either, and says so itself
+    directory_size = _ZIP_END.unpack_from(tail, at)[5]
+    end = tail_start + at
+    locator = at - _ZIP64_LOCATOR.size
+    if locator >= _ZIP64_END.size and tail[locator : locator + 4] == b"PK\x06\x07":
+        # As zipfile reads it: the zip64 record sits just before its locator.
+        record = tail[locator - _ZIP64_END.size : locator]
+        if record[:4] == b"PK\x06\x06":
+            directory_size = _ZIP64_END.unpack(record)[8]
+            end = tail_start + locator - _ZIP64_END.size
+    return max(0, end - directory_size), end
 
 
 def _check(members: list[Member], limits: ArchiveLimits) -> None:
@@ -134,9 +191,19 @@ class _ZipArchive(Archive):
 
 
 class _TarArchive(Archive):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
         self._tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by close()
-        self._infos = {info.name: info for info in self._tar.getmembers()}
+        self._infos: dict[str, tarfile.TarInfo] = {}
+        # Read lazily: a tar has no directory, so reaching the next header means reading (and
+        # decompressing) everything before it. The scan stops at the limits rather than work
+        # through whatever the upload holds; _check names an oversized member.
+        for count, info in enumerate(self._tar, start=1):
+            if count > limits.max_members:
+                self._tar.close()
+                raise ArchiveError(f"the archive has more than {limits.max_members} members")
+            self._infos[info.name] = info
+            if info.size > limits.max_member_bytes:
+                break
         self.members = []
         for info in self._infos.values():
             if not (info.isfile() or info.isdir()):

@@ -160,12 +160,21 @@ def _decode(
                 raise ImageSetError(
                     f"{name!r} is {width}x{height}, over {limits.max_pixels} pixels"
                 )
-            rgb = image.convert("RGB")
+            rgb = _to_rgb(image)
     except ImageSetError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageSetError(f"{name!r} is not a readable image: {exc}") from exc
     return np.asarray(_resize_center_crop(rgb, size, resample), dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit grey is scaled down first, since Pillow's conversion clips it at 255
+    and would turn nearly every pixel white."""
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.uint16) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def _resize_center_crop(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:

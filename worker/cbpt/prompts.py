@@ -21,6 +21,29 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 DEFAULT_CONTEXT_INIT = "a photo of a"
 
 
+class PromptTooLongError(ValueError):
+    """A class's prompt (the context and its name) does not fit the model's text context."""
+
+
+def prompt_tokens(tokenizer: Tokenizer, class_names: Sequence[str], n_ctx: int) -> torch.Tensor:
+    """Token ids ``(C, L)`` of each class's ``[SOT] X .. X <class name> . [EOT]`` prompt.
+
+    Cheap, so that a job can check its prompts fit while loading, not after the inversion.
+    """
+    placeholder = " ".join(["X"] * n_ctx)
+    tokens = tokenizer([f"{placeholder} {name}." for name in class_names])  # (C, L)
+    context_length = tokens.shape[1]
+    eot = tokens.argmax(dim=-1)
+    # The tokenizer truncates silently and puts EOT last; an EOT there means no room was left.
+    if int(eot.max()) >= context_length - 1:
+        longest = class_names[int(eot.argmax())]
+        raise PromptTooLongError(
+            f"prompt for {longest!r} overflows the text context of {context_length} tokens "
+            f"(with n_ctx={n_ctx} context tokens); shorten the class name or lower n_ctx"
+        )
+    return tokens
+
+
 class ClassPrompts(nn.Module):
     """The learnable context ``(C, M, width)`` and the fixed tokens around it."""
 
@@ -39,16 +62,7 @@ class ClassPrompts(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        placeholder = " ".join(["X"] * n_ctx)
-        tokens = tokenizer([f"{placeholder} {name}." for name in class_names])  # (C, L)
-        context_length = tokens.shape[1]
-        eot = tokens.argmax(dim=-1)
-        # The tokenizer truncates silently and puts EOT last; an EOT there means no room was left.
-        if int(eot.max()) >= context_length - 1:
-            longest = class_names[int(eot.argmax())]
-            raise ValueError(
-                f"prompt for {longest!r} overflows the text context of {context_length} tokens"
-            )
+        tokens = prompt_tokens(tokenizer, class_names, n_ctx)  # (C, L)
         with torch.no_grad():
             embedded = model.token_embedding(tokens)  # (C, L, width)
             context = self._initial_context(model, tokenizer, len(class_names), n_ctx, init, seed)

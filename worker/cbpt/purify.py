@@ -12,6 +12,7 @@ Stages, each reported through ``progress(stage, fraction)`` and checked for canc
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -42,6 +43,7 @@ from worker.cbpt.metrics import (
     per_class_accuracy,
     predictions,
 )
+from worker.cbpt.prompts import PromptTooLongError, prompt_tokens
 from worker.cbpt.report import render_html
 from worker.cbpt.rounds import invert_against_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
@@ -89,6 +91,36 @@ class PurifyOptions(BaseModel):
             if template.count("{}") != 1 or len(template) > 200:
                 raise ValueError(f"template {template!r} must hold exactly one '{{}}'")
         return value
+
+    @field_validator("tuning")
+    @classmethod
+    def _context_init_fills_n_ctx(cls, value: TuningSettings) -> TuningSettings:
+        """The init's tokens become the ``n_ctx`` context vectors one for one, so the counts
+        must agree; checked here, so that the API refuses the pair, not the tuning stage."""
+        if value.context_init is not None:
+            words = len(_bpe().encode(value.context_init))
+            if words != value.n_ctx:
+                raise ValueError(
+                    f"context_init {value.context_init!r} is {words} tokens, "
+                    f"not n_ctx={value.n_ctx}"
+                )
+        return value
+
+
+@functools.cache
+def _bpe() -> Any:
+    """open_clip's BPE tokenizer, the one every checkpoint here is read with."""
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+class InputMismatchError(ValueError):
+    """Inputs valid one by one that do not fit together (a class name too long for the model's
+    text context, a trigger aimed at no class), found once both are loaded; ``code`` is the
+    stable problem code a job fails with."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -148,8 +180,15 @@ def purify(
     names = images.class_names
     for spec in known_triggers:
         if spec.target not in names:
-            raise ValueError(f"known trigger {spec.name} targets {spec.target!r}, not a class here")
+            raise InputMismatchError(
+                "TRIGGER_INVALID",
+                f"known trigger {spec.name} targets {spec.target!r}, not a class here",
+            )
     tokenizer = loaded.tokenizer
+    try:  # here, while loading, rather than in tuning after the inversion's minutes
+        prompt_tokens(tokenizer, names, options.tuning.n_ctx)
+    except PromptTooLongError as exc:
+        raise InputMismatchError("PROMPT_TOO_LONG", str(exc)) from exc
     hand = class_embeddings(model, tokenizer, names, options.templates)
     tune_pixels = images.images[tune_index].float().div(255).to(device)
     tune_labels = images.labels[tune_index].to(device)

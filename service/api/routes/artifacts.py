@@ -8,14 +8,19 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from service.api.deps import PrincipalDep, SessionDep, StateDep
 from service.api.routes.jobs import _own_job
-from service.api.schemas import ArtifactList, ArtifactOut
-from service.errors import not_found
+from service.api.schemas import ArtifactList, ArtifactOut, problem_responses
+from service.errors import Problem, not_found
 from service.models import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+# What the worker stores artifacts as (worker.tasks.MEDIA_TYPES), for the document.
+ARTIFACT_MEDIA_TYPES = ("application/octet-stream", "application/json", "image/png", "text/html")
+ARTIFACT_CONTENT: dict[str, dict[str, object]] = {media: {} for media in ARTIFACT_MEDIA_TYPES}
 
 
 def _listing(job: Job, rows: list[Artifact]) -> list[ArtifactOut]:
@@ -30,7 +35,7 @@ def _listing(job: Job, rows: list[Artifact]) -> list[ArtifactOut]:
     ]
 
 
-@router.get("", response_model=ArtifactList)
+@router.get("", response_model=ArtifactList, responses=problem_responses(401, 404))
 def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) -> ArtifactList:
     job = _own_job(session, principal, job_id)
     rows = session.execute(
@@ -43,9 +48,10 @@ def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) ->
     "/{name}",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "One byte range"},
+        200: {"content": ARTIFACT_CONTENT},
+        206: {"description": "One byte range", "content": ARTIFACT_CONTENT},
         304: {"description": "Matches If-None-Match"},
+        **problem_responses(400, 401, 404, 416),
     },
 )
 def get_artifact(
@@ -74,6 +80,8 @@ def get_artifact(
         # Multi-range answers are rarely right in practice; ignoring Range is allowed (RFC 9110).
         headers["Accept-Ranges"] = "bytes"
         return Response(path.read_bytes(), media_type=row.media_type, headers=headers)
+    if range_header is not None:
+        _check_range(range_header, row.size)
     return FileResponse(
         path,
         media_type=row.media_type,
@@ -81,6 +89,22 @@ def get_artifact(
         filename=name,
         content_disposition_type="attachment",
     )
+
+
+def _check_range(header: str, size: int) -> None:
+    """FileResponse answers a bad Range in text/plain; parsing it first, with the very parser
+    FileResponse then uses, turns those answers into problems like every other error."""
+    try:
+        FileResponse._parse_range_header(header, size)
+    except MalformedRangeHeader as exc:
+        raise Problem(400, "RANGE_INVALID", exc.content) from exc
+    except RangeNotSatisfiable as exc:
+        raise Problem(
+            416,
+            "RANGE_NOT_SATISFIABLE",
+            f"the artifact has {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from exc
 
 
 def _matches(header: str, etag: str) -> bool:

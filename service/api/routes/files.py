@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from service.api.deps import PrincipalDep, SessionDep, StateDep
-from service.api.schemas import FileOut
-from service.blobs import BlobTooLargeError
+from service.api.schemas import FileOut, problem_responses
+from service.blobs import Blob, BlobTooLargeError
 from service.errors import Problem
 from service.models import File
 
@@ -35,7 +37,7 @@ def file_id(tenant: str, sha256: str) -> str:
     status_code=201,
     response_model=FileOut,
     openapi_extra=UPLOAD_BODY,
-    responses={413: {"description": "Over the upload cap"}},
+    responses=problem_responses(400, 401, 413),
 )
 async def upload_file(
     request: Request, principal: PrincipalDep, state: StateDep, session: SessionDep
@@ -64,13 +66,19 @@ async def upload_file(
             raise Problem(400, "UPLOAD_EMPTY", "the body is empty")
         blob = writer.commit()
     state.metrics.upload_bytes.inc(blob.size)
-    ident = file_id(principal.tenant, blob.sha256)
-    existing = session.get(File, ident)
-    if existing is None:
-        session.add(File(id=ident, tenant=principal.tenant, sha256=blob.sha256, size=blob.size))
+    ident = await run_in_threadpool(register_file, session, principal.tenant, blob)
+    return FileOut(id=ident, sha256=blob.sha256, size=blob.size)
+
+
+def register_file(session: Session, tenant: str, blob: Blob) -> str:
+    """Blocks on the database, so async routes run it in the threadpool: on the event loop a
+    wait for a pooled connection would stall the requests that are to give one back."""
+    ident = file_id(tenant, blob.sha256)
+    if session.get(File, ident) is None:
+        session.add(File(id=ident, tenant=tenant, sha256=blob.sha256, size=blob.size))
         try:
             session.commit()
         except IntegrityError:  # the same bytes raced in from a parallel upload
             session.rollback()
             session.execute(select(File).where(File.id == ident)).scalar_one()
-    return FileOut(id=ident, sha256=blob.sha256, size=blob.size)
+    return ident

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service.api.deps import StateDep
+from service.api.schemas import Readiness
 from service.api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -24,7 +25,13 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "Ready"},
+        503: {"model": Readiness, "description": "Not ready; see the failing check"},
+    },
+)
 async def readyz(state: StateDep) -> JSONResponse:
     checks = await run_in_threadpool(_checks, state)
     ready = all(check["ok"] for check in checks.values())

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from service import jobs
 from service.api.deps import PrincipalDep, SessionDep, StateDep
 from service.api.multipart import MultipartUpload
-from service.api.routes.files import file_id
-from service.api.schemas import JobList, JobOut, JobRequest, JobRequestParts
+from service.api.routes.files import register_file
+from service.api.schemas import JobList, JobOut, JobRequest, JobRequestParts, problem_responses
 from service.api.state import AppState
 from service.auth import Principal
 from service.db import utcnow
@@ -88,7 +88,10 @@ def _accepted(response: Response, job: Job) -> JobOut:
     status_code=202,
     response_model=JobOut,
     openapi_extra=CREATE_BODY,
-    responses={202: {"description": "Accepted; poll the Location"}},
+    responses={
+        202: {"description": "Accepted; poll the Location"},
+        **problem_responses(400, 401, 404, 413, 415, 422),
+    },
 )
 async def create_job(
     request: Request,
@@ -98,7 +101,11 @@ async def create_job(
     session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    """Validates everything it can, then answers 202; the job runs on a worker."""
+    """Validates everything it can, then answers 202; the job runs on a worker.
+
+    Only reading the body happens on the event loop: the database work blocks, and a loop
+    blocked on a pool checkout cannot let other requests give their connections back.
+    """
     key = _idempotency_key(idempotency_key)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/"):
@@ -111,15 +118,25 @@ async def create_job(
             raise _invalid_request(exc) from exc
     else:
         raise Problem(415, "UNSUPPORTED_MEDIA_TYPE", "send application/json or multipart")
+    job, created = await run_in_threadpool(_create, state, session, principal, key, body)
+    if created:
+        await run_in_threadpool(_publish, state, session, job)  # only after the commit
+    return _accepted(response, job)
+
+
+def _create(
+    state: AppState, session: Session, principal: Principal, key: str | None, body: JobRequest
+) -> tuple[Job, bool]:
+    """The committed job and whether this request made it (False: a replay of the key)."""
     canonical = body.model_dump(mode="json")
     fingerprint = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
     if key is not None:
         replay = _replay(session, principal.tenant, key, fingerprint)
         if replay is not None:
-            return _accepted(response, replay)
+            return replay, False
     files = _files_of(session, principal, body)
     paths = {name: state.blobs.path(row.sha256) for name, row in files.items()}
-    await run_in_threadpool(check_job_inputs, body, paths)
+    check_job_inputs(body, paths)
     job = Job(id=jobs.new_job_id(), tenant=principal.tenant, request=canonical, stage="queued")
     session.add(job)
     session.flush()  # the idempotency record refers to the job row
@@ -140,13 +157,16 @@ async def create_job(
         replay = _replay(session, principal.tenant, key or "", fingerprint)
         if replay is None:
             raise
-        return _accepted(response, replay)
-    await run_in_threadpool(publish, state, [job.id])  # only after the commit
+        return replay, False
+    return job, True
+
+
+def _publish(state: AppState, session: Session, job: Job) -> None:
+    publish(state, [job.id])
     session.refresh(job)
-    return _accepted(response, job)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 404))
 def get_job(
     job_id: str, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> JobOut:
@@ -156,7 +176,7 @@ def get_job(
     return job_out(job)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=problem_responses(400, 401, 422))
 def list_jobs(
     principal: PrincipalDep,
     session: SessionDep,
@@ -190,7 +210,12 @@ def list_jobs(
     return JobList(jobs=[job_out(row) for row in rows], next_page_token=token)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses=problem_responses(401, 404, 409),
+)
 def cancel_job(
     job_id: str, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> JobOut:
@@ -275,22 +300,22 @@ async def _from_multipart(
     upload = MultipartUpload(
         request.headers["content-type"], state.blobs, state.settings.max_upload_bytes
     )
-    await upload.read(request.stream())
-    missing = [name for name in ("checkpoint", "dataset") if name not in upload.blobs]
-    if missing:
-        raise Problem(400, "MULTIPART_INVALID", f"missing part(s): {', '.join(missing)}")
     try:
-        parts = JobRequestParts.model_validate_json(upload.request or b"{}")
-    except ValidationError as exc:
-        raise _invalid_request(exc) from exc
+        await upload.read(request.stream())
+        missing = [name for name in ("checkpoint", "dataset") if name not in upload.parts]
+        if missing:
+            raise Problem(400, "MULTIPART_INVALID", f"missing part(s): {', '.join(missing)}")
+        try:
+            parts = JobRequestParts.model_validate_json(upload.request or b"{}")
+        except ValidationError as exc:
+            raise _invalid_request(exc) from exc
+        blobs = upload.commit()  # only now: a refused request must leave no unreferenced blob
+    finally:
+        upload.discard()
     ids: dict[str, str] = {}
-    for name, blob in upload.blobs.items():
-        ident = file_id(principal.tenant, blob.sha256)
-        if session.get(File, ident) is None:
-            session.add(File(id=ident, tenant=principal.tenant, sha256=blob.sha256, size=blob.size))
+    for name, blob in blobs.items():
+        ids[name] = await run_in_threadpool(register_file, session, principal.tenant, blob)
         state.metrics.upload_bytes.inc(blob.size)
-        ids[name] = ident
-    session.commit()
     return JobRequest(
         checkpoint_file=ids["checkpoint"],
         dataset_file=ids["dataset"],
@@ -318,7 +343,8 @@ def _read_token(
 ) -> tuple[datetime, str]:
     bad = Problem(400, "PAGE_TOKEN_INVALID", "page_token is not one this API issued for this list")
     body, _, signature = token.partition(".")
-    if not hmac.compare_digest(signature, _sign(state, tenant, body)):
+    # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+    if not hmac.compare_digest(signature.encode(), _sign(state, tenant, body).encode()):
         raise bad
     try:
         created, last_id, token_filter = json.loads(
