@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -79,13 +80,15 @@ def start_server(env: dict[str, str], log: Path, *, api_only: bool = False) -> S
 
 
 def stop_server(server: Server) -> None:
+    """A warm stop (the server stops its worker), then a sweep of the whole process group, so
+    that no worker outlives its test even when its own shutdown hangs."""
     if server.process.poll() is None:
         os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(45)
+    with contextlib.suppress(ProcessLookupError):  # nothing left: all had exited
+        os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
 
 
 def children(pid: int) -> list[int]:
