@@ -123,3 +123,28 @@ def test_cancel_stops_early_and_writes_nothing(badnets_lab: LabModel, tmp_path: 
             should_cancel=lambda: True,
         )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["load", "inversion", "tuning", "evaluation"])
+def test_cancel_during_each_stage_stops_there(
+    badnets_lab: LabModel, tmp_path: Path, stage: str
+) -> None:
+    """A cancel asked while a stage runs ends the job at that stage's next check."""
+    seen: list[str] = []
+    quick = PurifyOptions(
+        rounds=1,
+        inversion=InversionSettings(steps=20, batch_size=16),
+        tuning=TuningSettings(steps=10),
+    )
+    out = tmp_path / "out"
+    with pytest.raises(CancelledError):
+        purify(
+            badnets_lab.directory,
+            badnets_lab.directory / "fewshot.zip",
+            quick,
+            out_dir=out,
+            progress=lambda name, fraction: seen.append(name),
+            should_cancel=lambda: stage in seen,
+        )
+    assert seen[-1] == stage  # no later stage started
+    assert not out.exists()
