@@ -94,14 +94,7 @@ def _settle_cancel_before_start(session: Session, job_id: str) -> None:
             or_(Job.runner.is_(None), Job.lease_until < now),
             Job.cancel_requested.is_(True),
         )
-        .values(
-            state=JobState.CANCELLED.value,
-            error=_cancelled(),
-            end_time=now,
-            update_time=now,
-            runner=None,
-            lease_until=None,
-        )
+        .values(**_ended(JobState.CANCELLED, _cancelled()))
     )
 
 
@@ -196,6 +189,19 @@ def mark_cancelled(session: Session, held: Claim) -> None:
     finish(session, held, JobState.CANCELLED, error=_cancelled())
 
 
+def _ended(state: JobState, error: dict[str, Any]) -> dict[str, Any]:
+    """The column values of a job that ends without its worker: nobody holds it any more."""
+    now = utcnow()
+    return {
+        "state": state.value,
+        "error": error,
+        "end_time": now,
+        "update_time": now,
+        "runner": None,
+        "lease_until": None,
+    }
+
+
 def _cancelled() -> dict[str, Any]:
     return problem_body(409, "CANCELLED", "the job was cancelled at the client's request")
 
@@ -216,51 +222,25 @@ def reap(
     """
     now = utcnow()
     lapsed = Job.lease_until < now
+    running = Job.state == JobState.RUNNING.value
     if time_limit_s is not None:
         # Killed at the hard time limit: running it again would only hit the limit again.
+        too_long = Job.start_time < now - timedelta(seconds=time_limit_s)
+        message = f"the job ran past its {time_limit_s:.0f} s time limit"
+        error = problem_body(500, "TIME_LIMIT", message)
         session.execute(
-            update(Job)
-            .where(
-                Job.state == JobState.RUNNING.value,
-                lapsed,
-                Job.start_time < now - timedelta(seconds=time_limit_s),
-            )
-            .values(
-                state=JobState.FAILED.value,
-                error=problem_body(
-                    500, "TIME_LIMIT", f"the job ran past its {time_limit_s:.0f} s time limit"
-                ),
-                end_time=now,
-                update_time=now,
-                runner=None,
-                lease_until=None,
-            )
+            update(Job).where(running, lapsed, too_long).values(**_ended(JobState.FAILED, error))
         )
     session.execute(
         update(Job)
         .where(Job.state == JobState.CANCELLING.value, lapsed)
-        .values(
-            state=JobState.CANCELLED.value,
-            error=_cancelled(),
-            end_time=now,
-            update_time=now,
-            runner=None,
-            lease_until=None,
-        )
+        .values(**_ended(JobState.CANCELLED, _cancelled()))
     )
+    lost = problem_body(500, "WORKER_LOST", f"the worker was lost on all {max_attempts} attempts")
     session.execute(
         update(Job)
-        .where(Job.state == JobState.RUNNING.value, lapsed, Job.attempt >= max_attempts)
-        .values(
-            state=JobState.FAILED.value,
-            error=problem_body(
-                500, "WORKER_LOST", f"the worker was lost on all {max_attempts} attempts"
-            ),
-            end_time=now,
-            update_time=now,
-            runner=None,
-            lease_until=None,
-        )
+        .where(running, lapsed, Job.attempt >= max_attempts)
+        .values(**_ended(JobState.FAILED, lost))
     )
     session.execute(
         update(Job)
