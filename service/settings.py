@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     )
 
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="413 above this.")
+    max_active_jobs: int = Field(
+        default=1000, gt=0, description="Unfinished jobs per tenant before 429."
+    )
     page_size_default: int = Field(default=50, gt=0)
     page_size_max: int = Field(default=500, gt=0)
     page_token_secret: str = Field(

@@ -249,6 +249,27 @@ def test_idempotency_key_replays_and_refuses_another_body(api: TestClient) -> No
     assert fresh.json()["id"] != first.json()["id"]
 
 
+def test_a_tenant_at_its_active_job_limit_gets_429(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "var", max_active_jobs=2)
+    with TestClient(create_app(settings, reaper=False)) as api:
+        api.headers["Authorization"] = f"Bearer {new_key(settings, 'acme')}"
+        body = job_body(api)
+        first = api.post("/v1/jobs", json=body).json()
+        assert api.post("/v1/jobs", json=body).status_code == 202
+        refused = api.post("/v1/jobs", json=body)
+        assert_problem(refused, 429, "TOO_MANY_ACTIVE_JOBS")
+        assert refused.headers["retry-after"] == "60"
+        other = {"Authorization": f"Bearer {new_key(settings, 'globex')}"}
+        theirs = {
+            "checkpoint_file": api.put("/v1/files", content=weights(), headers=other).json()["id"],
+            "dataset_file": api.put("/v1/files", content=dataset(), headers=other).json()["id"],
+            "model": "ViT-B-32",
+        }
+        assert api.post("/v1/jobs", json=theirs, headers=other).status_code == 202  # own quota
+        api.post(f"/v1/jobs/{first['id']}/cancel")  # a finished job frees its place
+        assert api.post("/v1/jobs", json=body).status_code == 202
+
+
 def test_pagination_walks_every_job_once_newest_first(api: TestClient) -> None:
     body = job_body(api)
     created = [api.post("/v1/jobs", json=body).json()["id"] for _ in range(5)]

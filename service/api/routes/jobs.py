@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,8 @@ from service.models import TERMINAL, File, IdempotencyRecord, Job, JobState
 from service.queue import publish
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ACTIVE_STATES = tuple(state.value for state in JobState if state not in TERMINAL)
 
 RETRY_AFTER_S = "5"
 MAX_JSON_BODY = 1024 * 1024
@@ -90,7 +92,7 @@ def _accepted(response: Response, job: Job) -> JobOut:
     openapi_extra=CREATE_BODY,
     responses={
         202: {"description": "Accepted; poll the Location"},
-        **problem_responses(400, 401, 404, 413, 415, 422),
+        **problem_responses(400, 401, 404, 413, 415, 422, 429),
     },
 )
 async def create_job(
@@ -134,6 +136,7 @@ def _create(
         replay = _replay(session, principal.tenant, key, fingerprint)
         if replay is not None:
             return replay, False
+    _check_quota(session, principal, state.settings.max_active_jobs)
     files = _files_of(session, principal, body)
     paths = {name: state.blobs.path(row.sha256) for name, row in files.items()}
     check_job_inputs(body, paths)
@@ -230,6 +233,23 @@ def cancel_job(
     session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
+
+
+def _check_quota(session: Session, principal: Principal, limit: int) -> None:
+    """One tenant cannot fill the queue for everyone. A soft cap: submissions racing at the
+    limit may pass it by a few, which is fine for what it protects."""
+    active = session.execute(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == principal.tenant, Job.state.in_(ACTIVE_STATES))
+    ).scalar_one()
+    if active >= limit:
+        raise Problem(
+            429,
+            "TOO_MANY_ACTIVE_JOBS",
+            f"the tenant has {active} unfinished jobs (limit {limit}); wait for some to end",
+            headers={"Retry-After": "60"},
+        )
 
 
 def _own_job(session: Session, principal: Principal, job_id: str) -> Job:
