@@ -30,6 +30,15 @@ from worker.cbpt.archives import (
     open_archive,
     refuse_many_zip_members,
 )
+from worker.cbpt.layout import (
+    CHECKPOINT_ARCHIVE_LIMITS,
+    CLASSES_FILE,
+    DATASET_ARCHIVE_LIMITS,
+    HUB_CONFIG,
+    HUB_WEIGHTS,
+    IMAGE_SUFFIXES,
+    WEIGHT_SUFFIXES,
+)
 
 # Checkpoints -----------------------------------------------------------------------------------
 
@@ -55,35 +64,15 @@ SAFETENSORS_ITEMSIZE: Mapping[str, int] = {
 }
 """Bytes per element of each safetensors dtype, to check every tensor's byte range."""
 
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "model.safetensors",
-    "pytorch_model.bin",
-)
-"""open_clip's hub weight names, in the order the worker looks for them."""
-
 _U64_MAX = 2**64 - 1
 """Dimensions, offsets and element counts are u64 in safetensors; bounding them here also keeps
 a hostile header from making the element count an enormous number to multiply."""
 
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth"})
-
-CHECKPOINT_ARCHIVE_LIMITS = ArchiveLimits(max_members=64)
-"""A hub folder holds a config, weights and a few text files; the worker uses the same limit."""
-
 # Datasets --------------------------------------------------------------------------------------
 
-DATASET_ARCHIVE_LIMITS = ArchiveLimits(max_member_bytes=64 * 1024**2)
-"""The worker's per-image cap: no few-shot image needs more than 64 MiB."""
-
-CLASSES_FILE = "classes.json"
 CLASSES_FILE_MAX_BYTES = 1024**2
 """A thousand classes with long display names fit in a fraction of this."""
 
-# The same set the worker decodes (worker.cbpt.imagesets), so the two never disagree.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 ARCHIVE_SUFFIXES = frozenset(
     {".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz2", ".xz", ".txz", ".zst", ".7z", ".rar"}
 )

@@ -29,16 +29,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from worker.cbpt.archives import ArchiveError, ArchiveLimits, is_archive, open_archive
-
-HUB_CONFIG = "open_clip_config.json"
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth"})
-HUB_WEIGHTS = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "model.safetensors",
-    "pytorch_model.bin",
+from worker.cbpt.archives import ArchiveError, is_archive, open_archive
+from worker.cbpt.layout import (
+    CHECKPOINT_ARCHIVE_LIMITS,
+    HUB_CONFIG,
+    HUB_WEIGHTS,
+    WEIGHT_SUFFIXES,
 )
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 
@@ -158,7 +156,7 @@ def load_checkpoint(
     if is_archive(weights) and sniff_format(weights) not in ("torch-zip", "torchscript"):
         with tempfile.TemporaryDirectory(prefix="antidote-ckpt-") as scratch:
             try:
-                with open_archive(weights, ArchiveLimits(max_members=64)) as archive:
+                with open_archive(weights, CHECKPOINT_ARCHIVE_LIMITS) as archive:
                     archive.extract(Path(scratch))
             except ArchiveError as exc:
                 raise UnsupportedFormatError(f"checkpoint archive refused: {exc}") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -20,9 +20,8 @@ import torch
 from PIL import Image
 
 from worker.cbpt.archives import Archive, ArchiveError, ArchiveLimits, Member, open_archive
+from worker.cbpt.layout import CLASSES_FILE, DATASET_ARCHIVE_LIMITS, IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-CLASSES_FILE = "classes.json"
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -36,9 +35,7 @@ class ImageSetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageSetLimits:
-    archive: ArchiveLimits = field(
-        default_factory=lambda: ArchiveLimits(max_member_bytes=64 * 1024**2)
-    )
+    archive: ArchiveLimits = DATASET_ARCHIVE_LIMITS
     max_pixels: int = 4096 * 4096
     max_classes: int = 1000
     min_classes: int = 2
