@@ -6,6 +6,7 @@ Codes are UPPER_SNAKE and never change meaning; clients branch on ``code``, peop
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -68,6 +69,18 @@ def problem_body(
         body["request_id"] = request_id
     body.update(extra)
     return body
+
+
+def error_pointers(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic's validation errors as RFC 9457 ``errors`` items: a JSON pointer and a detail."""
+    return [
+        {"pointer": "/" + "/".join(str(part) for part in err["loc"]), "detail": str(err["msg"])}
+        for err in errors
+    ]
+
+
+def upload_too_large(limit: int) -> Problem:
+    return Problem(413, "UPLOAD_TOO_LARGE", f"uploads are capped at {limit} bytes")
 
 
 def not_found(kind: str, ident: str) -> Problem:

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.api.schemas import JobRequest
-from service.errors import Problem
+from service.errors import Problem, error_pointers
 from service.validation import InputError, check_checkpoint, check_dataset
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -53,12 +53,11 @@ def check_job_inputs(body: JobRequest, paths: dict[str, Path]) -> None:
     try:
         PurifyOptions.model_validate(body.options)
     except ValidationError as exc:
-        raise Problem(
-            422, "OPTIONS_INVALID", "options do not validate", errors=_errors(exc)
-        ) from exc
+        errors = error_pointers(exc.errors(include_url=False, include_input=False))
+        raise Problem(422, "OPTIONS_INVALID", "options do not validate", errors=errors) from exc
     for index, spec in enumerate(body.known_triggers):
         try:
-            parse_attack(json.dumps(spec))
+            parse_attack(spec)
         except (ValueError, ValidationError) as exc:
             raise Problem(
                 422,
@@ -77,10 +76,3 @@ def _check_model_config(path: Path) -> None:
         raise bad from exc
     if not isinstance(loaded, dict):
         raise bad
-
-
-def _errors(exc: ValidationError) -> list[dict[str, str]]:
-    return [
-        {"pointer": "/" + "/".join(str(p) for p in err["loc"]), "detail": err["msg"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -264,8 +264,6 @@ def reap(
     return [row[0] for row in rows]
 
 
-def mark_published(session: Session, job_ids: list[str], when: datetime | None = None) -> None:
+def mark_published(session: Session, job_ids: list[str]) -> None:
     if job_ids:
-        session.execute(
-            update(Job).where(Job.id.in_(job_ids)).values(publish_time=when or utcnow())
-        )
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(publish_time=utcnow()))

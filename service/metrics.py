@@ -73,7 +73,9 @@ class _JobCollector(Collector):
         waits = [(start - created).total_seconds() for created, start, _ in times if start]
         runs = [(end - start).total_seconds() for _, start, end in times if start and end]
         yield _histogram(
-            "antidote_job_queue_wait_seconds", "From creation to the latest start", waits,
+            "antidote_job_queue_wait_seconds",
+            "From creation to the latest start",
+            waits,
             WAIT_BUCKETS,
         )
         yield _histogram(
@@ -89,5 +91,3 @@ def _histogram(
     return HistogramMetricFamily(
         name, documentation, buckets=cumulative, sum_value=float(sum(values))
     )
-
-

@@ -36,6 +36,7 @@ class JobState(StrEnum):
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+UNFINISHED = frozenset(JobState) - TERMINAL
 
 
 class ApiKey(Base):

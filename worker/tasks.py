@@ -178,7 +178,7 @@ def _purify(
         }
     paths = {key: store.path(row.sha256) for key, row in blobs.items() if row is not None}
     options = PurifyOptions.model_validate(request.get("options") or {})
-    triggers = tuple(parse_attack(json.dumps(spec)) for spec in request.get("known_triggers", []))
+    triggers = tuple(parse_attack(spec) for spec in request.get("known_triggers", []))
     architecture: str | dict[str, Any] | None = request.get("model")
     if "model_config_file" in paths:
         architecture = json.loads(paths["model_config_file"].read_text())

@@ -22,7 +22,7 @@ from service.api.schemas import Problem as ProblemSchema
 from service.api.state import AppState
 from service.blobs import BlobStore
 from service.db import session_factory
-from service.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from service.errors import PROBLEM_MEDIA_TYPE, Problem, error_pointers
 from service.logs import RequestIdMiddleware, configure_logging
 from service.metrics import Metrics
 from service.queue import reap_and_republish
@@ -142,10 +142,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"pointer": "/" + "/".join(str(p) for p in err["loc"]), "detail": err["msg"]}
-            for err in exc.errors()
-        ]
+        errors = error_pointers(exc.errors())
         problem = Problem(422, "REQUEST_INVALID", "the request does not validate", errors=errors)
         return _problem_response(request, problem)
 
@@ -159,12 +156,5 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request.failed")
-        request_id = request.scope.get("state", {}).get("request_id")
-        body = problem_body(
-            500,
-            "INTERNAL",
-            "an internal error occurred; quote the request_id when reporting it",
-            instance=request.url.path,
-            request_id=request_id,
-        )
-        return JSONResponse(body, status_code=500, media_type=PROBLEM_MEDIA_TYPE)
+        detail = "an internal error occurred; quote the request_id when reporting it"
+        return _problem_response(request, Problem(500, "INTERNAL", detail))

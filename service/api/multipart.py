@@ -14,7 +14,7 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.blobs import Blob, BlobStore, BlobTooLargeError, BlobWriter
-from service.errors import Problem
+from service.errors import Problem, upload_too_large
 
 FILE_PARTS = ("checkpoint", "dataset", "model_config")
 JSON_PART = "request"
@@ -62,9 +62,7 @@ class MultipartUpload:
                 raise self._error
         except BlobTooLargeError as exc:
             self.discard()
-            raise Problem(
-                413, "UPLOAD_TOO_LARGE", f"uploads are capped at {self._limit} bytes"
-            ) from exc
+            raise upload_too_large(self._limit) from exc
         except Problem:
             self.discard()
             raise

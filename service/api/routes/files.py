@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 from service.api.deps import PrincipalDep, SessionDep, StateDep
 from service.api.schemas import FileOut, problem_responses
 from service.blobs import Blob, BlobTooLargeError
-from service.errors import Problem
+from service.errors import Problem, upload_too_large
 from service.models import File
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -50,14 +50,14 @@ async def upload_file(
             raise Problem(400, "CONTENT_LENGTH_INVALID", "Content-Length is not a number")
         if int(declared) > limit:
             state.metrics.uploads_rejected.labels("UPLOAD_TOO_LARGE").inc()
-            raise Problem(413, "UPLOAD_TOO_LARGE", f"uploads are capped at {limit} bytes")
+            raise upload_too_large(limit)
     with state.blobs.writer(limit) as writer:
         try:
             async for chunk in request.stream():
                 writer.write(chunk)
         except BlobTooLargeError as exc:
             state.metrics.uploads_rejected.labels("UPLOAD_TOO_LARGE").inc()
-            raise Problem(413, "UPLOAD_TOO_LARGE", f"uploads are capped at {limit} bytes") from exc
+            raise upload_too_large(limit) from exc
         except ClientDisconnect as exc:
             raise Problem(400, "UPLOAD_INCOMPLETE", "the client went away mid-upload") from exc
         if declared is not None and writer.size != int(declared):

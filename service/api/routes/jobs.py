@@ -25,14 +25,12 @@ from service.api.schemas import JobList, JobOut, JobRequest, JobRequestParts, pr
 from service.api.state import AppState
 from service.auth import Principal
 from service.db import utcnow
-from service.errors import Problem, not_found
+from service.errors import Problem, error_pointers, not_found
 from service.inputs import check_job_inputs
-from service.models import TERMINAL, File, IdempotencyRecord, Job, JobState
+from service.models import TERMINAL, UNFINISHED, File, IdempotencyRecord, Job, JobState
 from service.queue import publish
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-ACTIVE_STATES = tuple(state.value for state in JobState if state not in TERMINAL)
 
 RETRY_AFTER_S = "5"
 MAX_JSON_BODY = 1024 * 1024
@@ -241,7 +239,7 @@ def _check_quota(session: Session, principal: Principal, limit: int) -> None:
     active = session.execute(
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant == principal.tenant, Job.state.in_(ACTIVE_STATES))
+        .where(Job.tenant == principal.tenant, Job.state.in_(UNFINISHED))
     ).scalar_one()
     if active >= limit:
         raise Problem(
@@ -345,10 +343,7 @@ async def _from_multipart(
 
 
 def _invalid_request(exc: ValidationError) -> Problem:
-    errors = [
-        {"pointer": "/" + "/".join(str(p) for p in err["loc"]), "detail": err["msg"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
+    errors = error_pointers(exc.errors(include_url=False, include_input=False))
     return Problem(422, "REQUEST_INVALID", "the job request does not validate", errors=errors)
 
 
