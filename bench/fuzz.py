@@ -20,11 +20,9 @@ the document is right. The exit status is 1 if a gating check failed.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +33,6 @@ import numpy as np
 import schemathesis
 from hypothesis import HealthCheck, given, reject, seed, settings
 from hypothesis.errors import Unsatisfiable
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import save
@@ -55,6 +52,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load import dataset_bytes
 from service import jobs
 from service.api import create_app
 from service.api.routes.files import file_id
@@ -105,17 +103,6 @@ class Tally:
 
 
 # Setup ------------------------------------------------------------------------------------------
-
-
-def dataset_bytes() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for folder in ("cat", "dog"):
-            for index in range(3):
-                image = io.BytesIO()
-                Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(image, "PNG")
-                archive.writestr(f"{folder}/{index}.png", image.getvalue())
-    return buffer.getvalue()
 
 
 def seed_data(settings: Settings, scratch: Path) -> Seeded:

@@ -20,8 +20,6 @@ import asyncio
 import io
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from sqlalchemy import func, select, text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.db import engine_for
+from service.local import start_server, stop_server
 from service.models import IdempotencyRecord, Job
 from service.settings import Settings
 
@@ -105,12 +104,6 @@ def dataset_bytes() -> bytes:
 # The server -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def cli(env: dict[str, str], *args: str) -> str:
     """The operator's own commands, so the bench sets up exactly what a deployment would."""
     done = subprocess.run(
@@ -137,43 +130,11 @@ def reset_database(settings: Settings) -> None:
 @contextmanager
 def api_server(env: dict[str, str], log: Path) -> Iterator[str]:
     """``antidote serve --api-only`` in its own process group; yields its URL once ready."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli.main", "serve", "--api-only",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=REPO,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(env, log, api_only=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve exited early:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve not ready in 60 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield url
+        yield server.url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_server(server)
 
 
 # The load ---------------------------------------------------------------------------------------

@@ -8,18 +8,11 @@ and after. Everything stays under ANTIDOTE_DATA_DIR.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
 
 from service.settings import get_settings
@@ -36,6 +29,7 @@ def demo(
     from service.cli.remote import _follow
     from service.client import AntidoteClient
     from service.db import session_factory, transaction
+    from service.local import start_server, stop_server
     from service.migrations import upgrade
 
     settings = get_settings()
@@ -43,56 +37,28 @@ def demo(
     upgrade(settings.database)
     with transaction(session_factory(settings.database)) as session:
         key = create_key(session, "demo").secret
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log_path = settings.data_dir / "serve.log"
-    typer.echo(f"starting the embedded service on {url} (log: {log_path})", err=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port)],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    typer.echo(f"starting the embedded service (log: {log_path})", err=True)
     try:
-        _wait_ready(url, server)
+        server = start_server({}, log_path, timeout=120)
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    try:
         with tempfile.TemporaryDirectory() as scratch:
             checkpoint = Path(scratch) / "checkpoint.zip"
             with zipfile.ZipFile(checkpoint, "w") as archive:
                 for name in HUB_FILES:
                     archive.write(lab / name, name)
             attack = json.loads((lab / "attack.json").read_text())
-            with AntidoteClient(url, key, timeout=120) as client:
+            with AntidoteClient(server.url, key, timeout=120) as client:
                 job = client.submit(checkpoint, lab / "fewshot.zip", known_triggers=[attack])
-                typer.echo(f"submitted job {job.id}; polling {url}/v1/jobs/{job.id}", err=True)
+                typer.echo(
+                    f"submitted job {job.id}; polling {server.url}/v1/jobs/{job.id}", err=True
+                )
                 if not _follow(client, job.id):
                     raise typer.Exit(1)
                 for path in client.download(job.id, out):
                     typer.echo(f"downloaded {path}", err=True)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            typer.echo(f"the service exited with code {server.returncode}", err=True)
-            raise typer.Exit(1)
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    typer.echo(f"the service did not become ready in {timeout:.0f} s", err=True)
-    raise typer.Exit(1)
+        stop_server(server)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 from service.auth import create_key
 from service.db import session_factory, transaction
+from service.local import LocalServer as Server
+from service.local import free_port, start_server, stop_server
 from service.migrations import upgrade
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+
+__all__ = [
+    "REPO",
+    "Server",
+    "children",
+    "embedded_settings",
+    "free_port",
+    "new_key",
+    "start_server",
+    "stop_server",
+    "worker_processes",
+]
 
 
 def embedded_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -32,63 +36,6 @@ def embedded_settings(data_dir: Path, **overrides: object) -> Settings:
 def new_key(settings: Settings, tenant: str) -> str:
     with transaction(session_factory(settings.database)) as session:
         return create_key(session, tenant).secret
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def start_server(env: dict[str, str], log: Path, *, api_only: bool = False) -> Server:
-    """``antidote serve`` as users run it: uvicorn plus a real Celery worker process."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
-    if api_only:
-        command.append("--api-only")
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        cwd=REPO,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited early:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return Server(url, process, log)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(Server(url, process, log))
-    raise RuntimeError(f"serve not ready in 60 s:\n{log.read_text()[-4000:]}")
-
-
-def stop_server(server: Server) -> None:
-    """A warm stop (the server stops its worker), then a sweep of the whole process group, so
-    that no worker outlives its test even when its own shutdown hangs."""
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.process.wait(45)
-    with contextlib.suppress(ProcessLookupError):  # nothing left: all had exited
-        os.killpg(server.process.pid, signal.SIGKILL)
-    server.process.wait()
 
 
 def children(pid: int) -> list[int]:
