@@ -49,7 +49,8 @@ class BlobStore:
     def put_file(self, source: Path) -> Blob:
         """Copies a finished file (a worker's artifact) into the store."""
         with source.open("rb") as stream, self.writer(limit=2**62) as writer:
-            shutil.copyfileobj(stream, _WriterAdapter(writer), 1024 * 1024)
+            while chunk := stream.read(1024 * 1024):
+                writer.write(chunk)
             return writer.commit()
 
     def free_bytes(self) -> int:
@@ -121,11 +122,3 @@ class BlobWriter:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
-
-class _WriterAdapter:
-    def __init__(self, writer: BlobWriter) -> None:
-        self._writer = writer
-
-    def write(self, chunk: bytes) -> int:
-        self._writer.write(chunk)
-        return len(chunk)
