@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from worker.cbpt.prompts import ClassPrompts, encode_prompts
+from worker.cbpt.prompts import ClassPrompts, encode_prompts, pooled_length
 from worker.lab.architecture import TinyClipConfig, build_model
 
 NAMES = ["ankle boot", "t-shirt", "bag"]
@@ -42,6 +42,21 @@ def test_hand_crafted_context_reproduces_encode_text(
             tokenizer([f"a photo of a {n}." for n in NAMES]), normalize=True
         )
     torch.testing.assert_close(learned, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_after_the_pooled_token_are_cut_only_under_a_causal_mask(
+    model: open_clip.CLIP, tokenizer: open_clip.SimpleTokenizer
+) -> None:
+    prompts = ClassPrompts(model, tokenizer, NAMES, n_ctx=4, init="a photo of a")
+    longest_eot = int(prompts.tokens.argmax(dim=-1).max())
+    assert pooled_length(model, prompts.tokens) == longest_eot + 1 < prompts.tokens.shape[1]
+    bidirectional = build_model(
+        TinyClipConfig(image_size=16, patch_size=8, text_width=64, context_length=16), seed=1
+    )
+    bidirectional.attn_mask = torch.zeros(16, 16)  # every position sees every other one
+    assert pooled_length(bidirectional, prompts.tokens) == 16
+    bidirectional.attn_mask = None
+    assert pooled_length(bidirectional, prompts.tokens) == 16
 
 
 def test_context_shape_and_gradients(

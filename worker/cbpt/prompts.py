@@ -101,10 +101,20 @@ class ClassPrompts(nn.Module):
 def encode_prompts(
     model: open_clip.CLIP, embeddings: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """L2-normalised text features ``(C, D)`` from prompt embeddings, as ``encode_text`` does."""
+    """L2-normalised text features ``(C, D)`` from prompt embeddings, as ``encode_text`` does.
+
+    Under a causal mask a position sees only those before it, so the positions after the last
+    pooled token change nothing: they are cut, which makes each tuning step several times
+    cheaper (a 77-token context holds prompts of about ten tokens).
+    """
+    length = pooled_length(model, tokens)
+    embeddings, tokens = embeddings[:, :length], tokens[:, :length]
+    attn_mask = model.attn_mask
+    if attn_mask is not None:
+        attn_mask = attn_mask[:length, :length]
     cast_dtype = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=attn_mask)
     x = model.ln_final(x)
     x = text_global_pool(
         x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
@@ -113,3 +123,28 @@ def encode_prompts(
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
     return F.normalize(x, dim=-1)
+
+
+def pooled_length(model: open_clip.CLIP, tokens: torch.Tensor) -> int:
+    """How many leading positions the pooled text feature depends on: all of them, unless the
+    text tower is causal and pools a token at a known place (EOT or the first)."""
+    full = tokens.shape[1]
+    if not _is_causal(model.attn_mask, full):
+        return full
+    pool_type = model.text_pool_type
+    if pool_type == "argmax":
+        return int(tokens.argmax(dim=-1).max()) + 1
+    eos = getattr(model, "text_eos_id", None)
+    if pool_type == "eos" and eos is not None and bool((tokens == eos).any(dim=1).all()):
+        return int((tokens == eos).int().argmax(dim=-1).max()) + 1
+    if pool_type == "first":
+        return 1
+    return full
+
+
+def _is_causal(attn_mask: torch.Tensor | None, length: int) -> bool:
+    """True for an additive mask that hides every later position and no earlier one."""
+    if attn_mask is None or attn_mask.shape[-2:] != (length, length) or attn_mask.dim() != 2:
+        return False
+    later = torch.ones(length, length, dtype=torch.bool, device=attn_mask.device).triu(1)
+    return bool(torch.isneginf(attn_mask[later]).all()) and bool((attn_mask[~later] == 0).all())
