@@ -13,7 +13,15 @@ from worker.cbpt.attacks import parse_attack
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import InversionSettings
-from worker.cbpt.purify import CancelledError, PurifyOptions, PurifyResult, purify
+from worker.cbpt.purify import (
+    CancelledError,
+    PurifyOptions,
+    PurifyResult,
+    VerdictSettings,
+    backdoor_score,
+    purify,
+    verdict_of,
+)
 from worker.cbpt.tuning import TuningSettings
 from worker.lab.make import LabModel
 
@@ -23,6 +31,7 @@ OPTIONS = PurifyOptions(
     inversion=InversionSettings(steps=150, batch_size=32),
     tuning=TuningSettings(steps=100),
     rounds=1,
+    tune_when_clean=True,  # what the verdict says of 16 px suite models is not what this tests
 )
 
 
@@ -133,6 +142,7 @@ def test_cancel_during_each_stage_stops_there(
     seen: list[str] = []
     quick = PurifyOptions(
         rounds=1,
+        tune_when_clean=True,
         inversion=InversionSettings(steps=20, batch_size=16),
         tuning=TuningSettings(steps=10),
     )
@@ -148,3 +158,45 @@ def test_cancel_during_each_stage_stops_there(
         )
     assert seen[-1] == stage  # no later stage started
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flip_rate", "mask_fraction", "expected"),
+    [
+        (0.91, 0.0068, "backdoored"),  # lab BadNets: score 134
+        (0.458, 0.0164, "backdoored"),  # lab label-consistent, the weakest backdoor: 27.9
+        (0.40, 0.0168, "suspicious"),  # 23.8
+        (0.50, 0.0223, "clean"),  # the clean lab model's highest score: 22.4
+        (0.15, 0.0001, "clean"),  # flips too few images, however small the mask
+        (0.99, 0.2, "clean"),  # a fifth of the image is no trigger
+    ],
+)
+def test_verdict_thresholds(flip_rate: float, mask_fraction: float, expected: str) -> None:
+    assert verdict_of(flip_rate, mask_fraction, VerdictSettings()) == expected
+    assert backdoor_score(flip_rate, 0.0) > 1e4  # an empty mask does not divide by zero
+
+
+def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
+    badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
+    options = OPTIONS.model_copy(update={"verdict": never, "tune_when_clean": False})
+    directory = badnets_lab.directory
+    result = purify(
+        directory,
+        directory / "fewshot.zip",
+        options,
+        out_dir=tmp_path,
+        evaluation_dataset=directory / "test.zip",
+    )
+    assert result.verdict == "clean"
+    assert result.report["rounds"] == {
+        "count": 0,
+        "tuned": False,
+        "mask_fractions": [result.report["detection"]["mask_fraction"]],
+    }
+    assert result.summary["ca_after"] == result.summary["ca_before"]
+    with safe_open(str(result.artifacts["prompts.safetensors"]), framework="pt") as handle:
+        context = handle.get_tensor("context")
+    # The context is the init's token embeddings, the same for every class.
+    torch.testing.assert_close(context, context[:1].expand_as(context))

@@ -31,6 +31,7 @@ FAST = {"rounds": 0, "inversion": {"steps": 60, "batch_size": 16}, "tuning": {"s
 SLOW_INVERSION = {"rounds": 0, "inversion": {"steps": 20_000, "batch_size": 16}}
 SLOW_TUNING = {
     "rounds": 0,
+    "tune_when_clean": True,  # ten inversion steps find no backdoor; tune all the same
     "inversion": {"steps": 10, "batch_size": 16},
     "tuning": {"steps": 20_000},
 }

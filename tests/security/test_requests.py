@@ -309,7 +309,7 @@ def test_an_unknown_model_name_is_refused(service: Deployment) -> None:
         {"holdout_fraction": 0},
         {"mask_budget": 1e308},
         {"device": "cuda; rm -rf /"},
-        {"verdict": {"backdoored_flip_rate": 2}},
+        {"verdict": {"min_flip_rate": 2}},
         {"templates": []},
         {"templates": ["no placeholder"]},
         {"templates": ["{} and {}"]},

@@ -66,17 +66,29 @@ class Trigger:
 class TriggerParameters:
     """Mask and pattern in sigmoid space with their optimiser: what every inversion fits."""
 
-    def __init__(
-        self, height: int, width: int, generator: torch.Generator, device: torch.device, lr: float
-    ) -> None:
-        # A faint start (sigmoid(-3) ~ 5%) lets the mask grow where the loss wants it.
-        self.mask_logit = (torch.randn(height, width, generator=generator) * 0.1 - 3).to(device)
-        self.pattern_logit = torch.randn(3, height, width, generator=generator).to(device)
-        self.mask_logit.requires_grad_(True)
-        self.pattern_logit.requires_grad_(True)
+    def __init__(self, mask_logit: torch.Tensor, pattern_logit: torch.Tensor, lr: float) -> None:
+        self.mask_logit = mask_logit.detach().clone().requires_grad_(True)
+        self.pattern_logit = pattern_logit.detach().clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam(
             [self.mask_logit, self.pattern_logit], lr=lr, betas=(0.5, 0.9)
         )
+
+    @classmethod
+    def random(
+        cls, height: int, width: int, generator: torch.Generator, device: torch.device, lr: float
+    ) -> TriggerParameters:
+        # A faint start (sigmoid(-3) ~ 5%) lets the mask grow where the loss wants it.
+        mask_logit = torch.randn(height, width, generator=generator) * 0.1 - 3
+        pattern_logit = torch.randn(3, height, width, generator=generator)
+        return cls(mask_logit.to(device), pattern_logit.to(device), lr)
+
+    @classmethod
+    def starting_from(cls, trigger: Trigger, device: torch.device, lr: float) -> TriggerParameters:
+        """Parameters that begin where ``trigger`` is: a warm start for re-inversion, which
+        then needs a fraction of the steps of one from scratch."""
+        mask_logit = torch.logit(trigger.mask.clamp(1e-4, 1 - 1e-4))
+        pattern_logit = torch.logit(trigger.pattern.clamp(1e-4, 1 - 1e-4))
+        return cls(mask_logit.to(device), pattern_logit.to(device), lr)
 
     def stamp(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Triggered images and the mask, differentiable in both parameters."""
@@ -159,7 +171,7 @@ def _invert_once(
 ) -> tuple[Trigger, float]:
     height, width = pixels.shape[-2:]
     device = pixels.device
-    parameters = TriggerParameters(height, width, generator, device, settings.lr)
+    parameters = TriggerParameters.random(height, width, generator, device, settings.lr)
     weight, above, below = settings.lambda_init, 0, 0
     contrastive = torch.tensor(float("inf"))
     batch = min(settings.batch_size, pixels.shape[0])

@@ -43,7 +43,7 @@ from worker.cbpt.metrics import (
     per_class_accuracy,
     predictions,
 )
-from worker.cbpt.prompts import PromptTooLongError, prompt_tokens
+from worker.cbpt.prompts import ClassPrompts, PromptTooLongError, encode_prompts, prompt_tokens
 from worker.cbpt.report import render_html
 from worker.cbpt.rounds import invert_against_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
@@ -56,12 +56,24 @@ ShouldCancel = Callable[[], bool]
 
 
 class VerdictSettings(BaseModel):
-    """Where detection draws its lines; calibrated on clean and backdoored lab models."""
+    """Where detection draws its lines.
+
+    The score is the share of other classes' images the inverted trigger sends to the suspected
+    target, per unit of mask: a backdoor is a shortcut the model was taught, so its trigger does
+    more with less than the universal adversarial patches every model has. Flip rate or mask
+    size alone do not separate them on the lab models (the clean one's patch flips 29 to 50%
+    of images, a label-consistent backdoor's 45 to 52%); their ratio does. The defaults are
+    calibrated on the Fashion-MNIST lab, seeds 0 to 3: the clean model scores 13 to 22, the
+    backdoored ones 27 to 134. Another family of models may need its own calibration.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backdoored_flip_rate: float = Field(default=0.8, ge=0, le=1)
-    suspicious_flip_rate: float = Field(default=0.6, ge=0, le=1)
+    backdoored_score: float = Field(default=25.0, ge=0)
+    suspicious_score: float = Field(default=23.0, ge=0)
+    min_flip_rate: float = Field(
+        default=0.2, ge=0, le=1, description="A trigger that flips fewer images is no backdoor."
+    )
     max_mask_fraction: float = Field(default=0.1, gt=0, le=1)
 
 
@@ -77,10 +89,22 @@ class PurifyOptions(BaseModel):
     inversion: InversionSettings = InversionSettings()
     tuning: TuningSettings = TuningSettings()
     rounds: int = Field(default=2, ge=0, le=10)
+    round_steps: int = Field(
+        default=150,
+        ge=1,
+        le=20_000,
+        description="Steps of each re-inversion; it starts from the last trigger found.",
+    )
     mask_budget: float = Field(
         default=1.2, gt=0, le=10, description="Re-inverted masks, relative to the first one."
     )
     verdict: VerdictSettings = VerdictSettings()
+    tune_when_clean: bool = Field(
+        default=False,
+        description="Tune the prompts even when the verdict is clean; by default a model found "
+        "clean keeps its hand-crafted prompts (the context init), and so its accuracy. A random "
+        "context init is always tuned.",
+    )
 
     @field_validator("templates")
     @classmethod
@@ -207,53 +231,30 @@ def purify(
     target, tune_flip = flip_statistics(
         model, normalizer, hand, tune_pixels, tune_labels.cpu(), first
     )
-    verdict = _verdict(tune_flip, first.mask_fraction, options.verdict)
+    verdict = verdict_of(tune_flip, first.mask_fraction, options.verdict)
     stage_done("inversion")
 
     scale = float(model.logit_scale.exp())
-    clean_features = encode_images(model, tune_pixels, normalizer)
-    triggers = [first]
-    triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
-    budget = options.mask_budget * first.mask_fraction
-    victims = tune_pixels[tune_labels != target]
-    total_steps = options.rounds + 1
-    embeddings = hand
-    context = None
-    for round_index in range(options.rounds + 1):
-        if round_index > 0:
-            triggers.append(
-                invert_against_head(
-                    model,
-                    normalizer,
-                    victims,
-                    embeddings,
-                    target,
-                    budget,
-                    options.inversion,
-                    logit_scale=scale,
-                    seed=options.seed + round_index,
-                    should_cancel=cancelled,
-                )
-            )
-        triggered_features.append(
-            encode_images(model, tune_pixels, normalizer, transform=triggers[-1].apply)
-        )
-        triggered = torch.cat(triggered_features)
-        tuned = tune_prompts(
+    tune = verdict != "clean" or options.tune_when_clean or options.tuning.context_init is None
+    if not tune:
+        triggers = [first]
+        context, embeddings = _hand_crafted_prompts(model, tokenizer, names, options, device)
+    else:
+        triggers, context, embeddings = _tune_in_rounds(
             model,
+            normalizer,
             tokenizer,
             names,
             hand,
-            clean_features,
+            tune_pixels,
             tune_labels,
-            triggered,
-            tune_labels.repeat(len(triggers)),
-            options.tuning,
-            seed=options.seed,
+            first,
+            target,
+            scale,
+            options,
+            progress=report,
             should_cancel=cancelled,
-            progress=_round_progress(report, round_index, total_steps),
         )
-        embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
     stage_done("tuning")
 
     evaluation = _evaluate(
@@ -270,6 +271,7 @@ def purify(
         "detection": {
             "flip_rate": round(tune_flip, 6),
             "mask_fraction": round(first.mask_fraction, 6),
+            "score": round(backdoor_score(tune_flip, first.mask_fraction), 3),
             "restart_losses": [round(v, 6) for v in inversion.losses],
             "thresholds": options.verdict.model_dump(),
         },
@@ -286,7 +288,8 @@ def purify(
             "held_out_source": "evaluation_dataset" if evaluation_dataset else "split",
         },
         "rounds": {
-            "count": options.rounds,
+            "count": len(triggers) - 1,
+            "tuned": tune,
             "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
         },
         "model_sha256": loaded.sha256,
@@ -294,13 +297,99 @@ def purify(
         "timings_s": timings,
         "versions": _versions(),
     }
-    assert context is not None
     written = _write_artifacts(
         out_dir, report_data, context, embeddings, scale, first, images, loaded, options
     )
     timings["artifacts"] = round(time.perf_counter() - clock, 3)
     report("artifacts", 1.0)
     return PurifyResult(verdict, names[target], summary, report_data, written)
+
+
+def _tune_in_rounds(
+    model: open_clip.CLIP,
+    normalizer: Normalizer,
+    tokenizer: Any,
+    names: tuple[str, ...],
+    hand: torch.Tensor,
+    tune_pixels: torch.Tensor,
+    tune_labels: torch.Tensor,
+    first: Trigger,
+    target: int,
+    scale: float,
+    options: PurifyOptions,
+    *,
+    progress: Progress,
+    should_cancel: ShouldCancel,
+) -> tuple[list[Trigger], torch.Tensor, torch.Tensor]:
+    """Tunes on the first trigger, then ``rounds`` times re-inverts a trigger against the
+    current prompts (within the mask budget, warm-started from the last one) and re-tunes on
+    every trigger found so far; the triggers, the context and its class embeddings."""
+    clean_features = encode_images(model, tune_pixels, normalizer)
+    triggers = [first]
+    triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
+    budget = options.mask_budget * first.mask_fraction
+    victims = tune_pixels[tune_labels != target]
+    embeddings, context = hand, torch.empty(0)
+    for round_index in range(options.rounds + 1):
+        if round_index > 0:
+            triggers.append(
+                invert_against_head(
+                    model,
+                    normalizer,
+                    victims,
+                    embeddings,
+                    target,
+                    budget,
+                    options.inversion,
+                    steps=options.round_steps,
+                    start=triggers[-1],
+                    logit_scale=scale,
+                    seed=options.seed + round_index,
+                    should_cancel=should_cancel,
+                )
+            )
+        triggered_features.append(
+            encode_images(model, tune_pixels, normalizer, transform=triggers[-1].apply)
+        )
+        tuned = tune_prompts(
+            model,
+            tokenizer,
+            names,
+            hand,
+            clean_features,
+            tune_labels,
+            torch.cat(triggered_features),
+            tune_labels.repeat(len(triggers)),
+            options.tuning,
+            seed=options.seed,
+            should_cancel=should_cancel,
+            progress=_round_progress(progress, round_index, options.rounds + 1),
+        )
+        embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
+    return triggers, context, embeddings
+
+
+@torch.no_grad()
+def _hand_crafted_prompts(
+    model: open_clip.CLIP,
+    tokenizer: Any,
+    names: tuple[str, ...],
+    options: PurifyOptions,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The untuned context (its init) and the class embeddings it gives: what a model found
+    clean ships, so that its prompts and head still load like any other job's."""
+    settings = options.tuning
+    prompts = ClassPrompts(
+        model,
+        tokenizer,
+        names,
+        n_ctx=settings.n_ctx,
+        init=settings.context_init,
+        seed=options.seed,
+    ).to(device)
+    embeddings = encode_prompts(model, prompts(), prompts.tokens)
+    return prompts.context.detach(), embeddings
 
 
 def stratified_split(
@@ -350,12 +439,18 @@ def _held_out(
     return other
 
 
-def _verdict(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> str:
-    if mask_fraction > settings.max_mask_fraction:
+def backdoor_score(flip_rate: float, mask_fraction: float) -> float:
+    """Images flipped per unit of mask: what the verdict compares with its thresholds."""
+    return flip_rate / max(mask_fraction, 1e-6)
+
+
+def verdict_of(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> str:
+    if mask_fraction > settings.max_mask_fraction or flip_rate < settings.min_flip_rate:
         return "clean"
-    if flip_rate >= settings.backdoored_flip_rate:
+    score = backdoor_score(flip_rate, mask_fraction)
+    if score >= settings.backdoored_score:
         return "backdoored"
-    if flip_rate >= settings.suspicious_flip_rate:
+    if score >= settings.suspicious_score:
         return "suspicious"
     return "clean"
 

@@ -49,7 +49,9 @@ img {{ image-rendering: pixelated; border: 1px solid #cbd2d9; }}
 <p class="verdict">Verdict: {escape(report["verdict"])}; suspected target:
 {escape(report["suspected_target"])}</p>
 <p>Inverted trigger: mask {detection["mask_fraction"]:.2%} of the image, sends
-{detection["flip_rate"]:.1%} of other classes' images to the suspected target.
+{detection["flip_rate"]:.1%} of other classes' images to the suspected target: a score of
+{detection["score"]:.1f} (backdoored from {detection["thresholds"]["backdoored_score"]:g}).
+{_tuning_sentence(report["rounds"])}
 Model sha256 <code>{escape(report["model_sha256"])}</code>.</p>
 <h2>Clean accuracy and attack success, before and after</h2>
 {_bar_chart(summary)}
@@ -97,3 +99,9 @@ def _number(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.1%}"
+
+
+def _tuning_sentence(rounds: dict[str, Any]) -> str:
+    if not rounds["tuned"]:
+        return "No backdoor was found, so the prompts stay the hand-crafted ones."
+    return f"Prompts tuned against the inverted trigger and {rounds['count']} re-inverted ones."

@@ -28,6 +28,8 @@ def invert_against_head(
     mask_budget: float,
     settings: InversionSettings,
     *,
+    steps: int,
+    start: Trigger | None,
     logit_scale: float,
     seed: int,
     progress: Callable[[float], None] | None = None,
@@ -36,15 +38,18 @@ def invert_against_head(
     """A trigger that sends ``images`` (none of the target class) to ``target`` under the head.
 
     The mask's mean is held under ``mask_budget`` by a hinge penalty; within it, a small L1 term
-    keeps it as small as the attack allows.
+    keeps it as small as the attack allows. ``start`` (the last round's trigger) warm-starts it.
     """
     generator = torch.Generator().manual_seed(seed)
     device = images.device
     height, width = images.shape[-2:]
-    parameters = TriggerParameters(height, width, generator, device, settings.lr)
+    if start is None:
+        parameters = TriggerParameters.random(height, width, generator, device, settings.lr)
+    else:
+        parameters = TriggerParameters.starting_from(start, device, settings.lr)
     batch = min(settings.batch_size, images.shape[0])
     targets = torch.full((batch,), target, dtype=torch.int64, device=device)
-    for step in range(settings.steps):
+    for step in range(steps):
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during trigger re-inversion")
         index = torch.randperm(images.shape[0], generator=generator)[:batch].to(device)
@@ -59,5 +64,5 @@ def invert_against_head(
         )
         parameters.step(loss)
         if progress is not None:
-            progress((step + 1) / settings.steps)
+            progress((step + 1) / steps)
     return parameters.trigger()

@@ -2,11 +2,17 @@
 
 Three losses, as DESIGN section 2 reads CBPT:
 
-1. clean: cross-entropy of ``logit_scale * cos(f(x), g(prompt_c))`` against the true class;
-2. backdoor: the same cross-entropy on triggered images ``f(T(x))`` against their *true* class,
-   which pulls the trigger's feature region back to where the content says it belongs;
-3. a regulariser keeping each class's text feature near its hand-crafted prompt's feature, which
-   protects accuracy on images the few shots do not cover.
+1. clean: cross-entropy of ``logit_scale * cos(f(x), g(prompt_c))`` against the true class,
+   and a distillation term, the KL divergence from the zero-shot (hand-crafted) predictions;
+2. backdoor: triggered images ``f(T(x))`` must be classified as their clean versions are: by
+   default the KL divergence from the zero-shot prediction of the *clean* image (its true class
+   where the model already knew it), or cross-entropy against the true class;
+3. a regulariser keeping each class's text feature near its hand-crafted prompt's feature.
+
+Why distillation: the hand-crafted prompts are what the checkpoint was trained to answer, so
+on its own task they are hard to beat; cross-entropy on a few shots overfits them and costs
+held-out accuracy, while matching the zero-shot decisions on clean images keeps them and leaves
+the prompts free to move only where triggered images land.
 
 Image features never change during this stage, so they are computed once by the caller (for a
 fixed set of views) and each step runs only the text tower on C prompts.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import open_clip
 import torch
@@ -34,6 +41,11 @@ class TuningSettings(BaseModel):
     n_ctx: int = Field(default=4, ge=1, le=32)
     context_init: str | None = Field(default="a photo of a", max_length=200)
     backdoor_weight: float = Field(default=1.0, ge=0, le=100)
+    backdoor_target: Literal["zero-shot", "label"] = "zero-shot"
+    # Distillation alone held CA best: cross-entropy on the shots cost as much or more held-out
+    # CA and left a higher ASR after rounds (BadNets lab: 0.027 against 0.008).
+    clean_weight: float = Field(default=0.0, ge=0, le=100)
+    distill_weight: float = Field(default=1.0, ge=0, le=100)
     # Few shots overfit fast: on lab models a weight of 0.5 cost 1.6 points of held-out CA
     # with clean data alone, 2 cost 1.3 and 20 cost 0.5.
     regularizer_weight: float = Field(default=2.0, ge=0, le=100)
@@ -72,19 +84,27 @@ def tune_prompts(
     ).to(clean_features.device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=settings.lr)
     scale = model.logit_scale.exp().detach()
+    teacher = torch.softmax(scale * clean_features @ hand_crafted.T, dim=1)  # zero-shot, clean
     backdoor = None
     if triggered_features is not None and triggered_labels is not None and settings.backdoor_weight:
-        backdoor = (triggered_features, triggered_labels)
+        if settings.backdoor_target == "label":
+            targets = F.one_hot(triggered_labels, len(class_names)).float()
+        else:  # blocks of the same images, in the same order, one block per trigger
+            targets = teacher.repeat(triggered_features.shape[0] // teacher.shape[0], 1)
+        backdoor = (triggered_features, targets)
     loss = torch.tensor(0.0)
     for step in range(settings.steps):
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during prompt tuning")
         text = encode_prompts(model, prompts(), prompts.tokens)  # (C, D)
-        loss = F.cross_entropy(scale * clean_features @ text.T, clean_labels)
+        clean_logits = scale * clean_features @ text.T
+        loss = settings.clean_weight * F.cross_entropy(clean_logits, clean_labels)
+        if settings.distill_weight > 0:
+            loss = loss + settings.distill_weight * _soft_cross_entropy(clean_logits, teacher)
         if backdoor is not None:
-            features, labels = backdoor
-            loss = loss + settings.backdoor_weight * F.cross_entropy(
-                scale * features @ text.T, labels
+            features, targets = backdoor
+            loss = loss + settings.backdoor_weight * _soft_cross_entropy(
+                scale * features @ text.T, targets
             )
         if settings.regularizer_weight > 0:
             drift = 1 - (text * hand_crafted).sum(dim=1)
@@ -97,3 +117,9 @@ def tune_prompts(
     with torch.no_grad():
         embeddings = encode_prompts(model, prompts(), prompts.tokens)
     return TuningResult(prompts, embeddings, loss.item())
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against target distributions: the KL divergence plus their constant
+    entropy, so the gradients are the KL's."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
