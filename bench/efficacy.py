@@ -7,6 +7,11 @@ fidelity, and the verdict. Targets for CBPT on every attack: ASR after <= 1% (me
 CA after >= CA before, fidelity >= 0.98; the verdict flags every backdoored model and not the
 clean one.
 
+Two reference columns use the *real* trigger's features of the same shots, as if inversion
+were perfect. "oracle" tunes the prompts once on them with CBPT's losses (no rounds). "linear
+ceiling" fits a free linear head (C x D, what any prompts finally give) with the same losses
+for 1000 steps: no purification through the text side can do much better on that model.
+
     .venv/bin/python bench/efficacy.py [--attacks badnets,sig] [--seeds 0,1]
 """
 
@@ -20,14 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES, parse_attack
+from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec, parse_attack
+from worker.cbpt.checkpoint import load_checkpoint
+from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
 from worker.cbpt.purify import PurifyOptions, purify
-from worker.cbpt.tuning import TuningSettings
+from worker.cbpt.tuning import TuningSettings, tune_prompts
+from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.datasets import default_dataset
 from worker.lab.make import LabSettings, default_attack, make_lab_model
 
@@ -45,7 +56,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
     args = parser.parse_args()
     settings = LabSettings.for_dataset(args.dataset)
-    console = Console(width=132)
+    console = Console(width=200)
     rows: list[dict[str, Any]] = []
     for name in [a for a in args.attacks.split(",") if a]:
         folder = args.lab / name
@@ -84,6 +95,7 @@ def main() -> int:
                         **summary,
                         "flip_rate": result.report["detection"]["flip_rate"],
                         "mask_fraction": result.report["detection"]["mask_fraction"],
+                        "score": result.report["detection"]["score"],
                     }
                 )
                 console.print(
@@ -91,6 +103,17 @@ def main() -> int:
                     f"{summary['ca_after']:.3f} ASR {summary['asr_before']:.3f}->"
                     f"{summary['asr_after']:.3f} verdict {result.verdict} ({seconds:.0f} s)"
                 )
+            if name != "clean":
+                for defence, (ca, asr) in oracle(folder, known, _options("cbpt", seed, 0)).items():
+                    rows.append(
+                        {
+                            "model": name,
+                            "seed": seed,
+                            "defence": defence,
+                            "ca_after": ca,
+                            "asr_after": asr,
+                        }
+                    )
     _print(console, rows, args.dataset)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -100,9 +123,79 @@ def main() -> int:
 def _options(defence: str, seed: int, rounds: int) -> PurifyOptions:
     if defence == "coop":
         # Prompt tuning on clean cross-entropy alone; the inversion still runs, for the verdict.
-        tuning = TuningSettings(backdoor_weight=0.0, regularizer_weight=0.0)
-        return PurifyOptions(seed=seed, device="cpu", tuning=tuning, rounds=0)
+        tuning = TuningSettings(
+            backdoor_weight=0.0, regularizer_weight=0.0, clean_weight=1.0, distill_weight=0.0
+        )
+        return PurifyOptions(seed=seed, device="cpu", tuning=tuning, rounds=0, tune_when_clean=True)
     return PurifyOptions(seed=seed, device="cpu", rounds=rounds)
+
+
+def oracle(
+    folder: Path, trigger: AttackSpec, options: PurifyOptions
+) -> dict[str, tuple[float, float]]:
+    """Test CA and ASR after tuning on the real trigger's features of the shots: prompts tuned
+    once ("oracle") and a free linear head ("ceiling")."""
+    loaded = load_checkpoint(folder)
+    model, preprocess = loaded.model, loaded.preprocess
+    normalizer = Normalizer(preprocess.mean, preprocess.std)
+    size, interpolation = preprocess.size, preprocess.interpolation
+    shots = read_image_set(folder / "fewshot.zip", size, interpolation=interpolation)
+    test = read_image_set(folder / "test.zip", size, interpolation=interpolation)
+    hand = class_embeddings(model, loaded.tokenizer, shots.class_names, options.templates)
+    clean = encode_images(model, shots.images, normalizer)
+    triggered = encode_images(model, shots.images, normalizer, transform=trigger.apply)
+    tuned = tune_prompts(
+        model,
+        loaded.tokenizer,
+        shots.class_names,
+        hand,
+        clean,
+        shots.labels,
+        triggered,
+        shots.labels,
+        options.tuning,
+        seed=options.seed,
+    )
+    scale = float(model.logit_scale.exp())
+    ceiling = _free_head(hand, clean, triggered, scale, options.tuning)
+    target = shots.class_names.index(trigger.target or "")
+    test_clean = encode_images(model, test.images, normalizer)
+    test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)
+
+    def measure(head: torch.Tensor) -> tuple[float, float]:
+        ca = clean_accuracy(predictions(test_clean, head), test.labels)
+        asr = attack_success_rate(predictions(test_triggered, head), test.labels, target)
+        return ca, asr
+
+    return {"oracle": measure(tuned.class_embeddings), "ceiling": measure(ceiling)}
+
+
+def _free_head(
+    hand: torch.Tensor,
+    clean: torch.Tensor,
+    triggered: torch.Tensor,
+    scale: float,
+    settings: TuningSettings,
+    steps: int = 1000,
+) -> torch.Tensor:
+    """A linear head fitted with CBPT's distillation, backdoor and drift terms, no prompts."""
+    weights = torch.nn.Parameter(hand.clone())
+    optimizer = torch.optim.Adam([weights], lr=5e-3)
+    teacher = torch.softmax(scale * clean @ hand.T, dim=1)
+    for _ in range(steps):
+        head = F.normalize(weights, dim=1)
+        kept = -(teacher * F.log_softmax(scale * clean @ head.T, dim=1)).sum(1).mean()
+        moved = -(teacher * F.log_softmax(scale * triggered @ head.T, dim=1)).sum(1).mean()
+        drift = (1 - (head * hand).sum(dim=1)).mean()
+        loss = (
+            settings.distill_weight * kept
+            + settings.backdoor_weight * moved
+            + settings.regularizer_weight * drift
+        )
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    return F.normalize(weights.detach(), dim=1)
 
 
 def _classes(folder: Path) -> tuple[str, ...]:
@@ -115,6 +208,7 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         "model",
         "seed",
         "verdict",
+        "score",
         "flip",
         "mask",
         "CA none",
@@ -125,6 +219,10 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         "ASR CBPT",
         "fidelity CBPT",
         "CBPT (s)",
+        "CA oracle",
+        "ASR oracle",
+        "CA ceiling",
+        "ASR ceiling",
     )
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
@@ -133,10 +231,12 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         by_key.setdefault((row["model"], row["seed"]), {})[row["defence"]] = row
     for (model, seed), pair in by_key.items():
         coop, cbpt = pair["coop"], pair["cbpt"]
+        best, ceiling = pair.get("oracle", {}), pair.get("ceiling", {})
         table.add_row(
             model,
             str(seed),
             cbpt["verdict"],
+            f"{cbpt['score']:.1f}",
             _f(cbpt["flip_rate"]),
             _f(cbpt["mask_fraction"]),
             _f(cbpt["ca_before"]),
@@ -147,6 +247,10 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
             _f(cbpt["asr_after"]),
             _f(cbpt["fidelity"]),
             f"{cbpt['seconds']:.0f}",
+            _f(best.get("ca_after")),
+            _f(best.get("asr_after")),
+            _f(ceiling.get("ca_after")),
+            _f(ceiling.get("asr_after")),
         )
     console.print(table)
 
