@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import open_clip
+import pytest
 import torch
 
 from worker.cbpt.imagesets import read_image_set
@@ -53,3 +54,27 @@ def test_tuning_with_the_trigger_removes_the_backdoor(badnets_lab: LabModel) -> 
     assert ca_after >= ca_before - 0.15, (ca_before, ca_after)  # 4 shots a class: costly
     norms = tuned.class_embeddings.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_triggered_features_must_be_whole_blocks_of_the_clean_images(
+    badnets_lab: LabModel,
+) -> None:
+    """Each triggered image takes its clean version's zero-shot prediction, matched by order."""
+    model, normalizer, size = load_lab_model(badnets_lab.directory)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
+    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
+    hand = class_embeddings(model, tokenizer, shots.class_names)
+    clean = encode_images(model, shots.images, normalizer)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        tune_prompts(
+            model,
+            tokenizer,
+            shots.class_names,
+            hand,
+            clean,
+            shots.labels,
+            clean[:-1],
+            shots.labels[:-1],
+            TuningSettings(steps=1),
+            seed=0,
+        )

@@ -2,17 +2,18 @@
 
 Three losses, as DESIGN section 2 reads CBPT:
 
-1. clean: cross-entropy of ``logit_scale * cos(f(x), g(prompt_c))`` against the true class,
-   and a distillation term, the KL divergence from the zero-shot (hand-crafted) predictions;
+1. clean: by default a distillation term, the KL divergence of the predictions on clean
+   images ``logit_scale * cos(f(x), g(prompt_c))`` from the zero-shot (hand-crafted) ones;
+   cross-entropy against the true class may be weighted in as well;
 2. backdoor: triggered images ``f(T(x))`` must be classified as their clean versions are: by
    default the KL divergence from the zero-shot prediction of the *clean* image (its true class
    where the model already knew it), or cross-entropy against the true class;
 3. a regulariser keeping each class's text feature near its hand-crafted prompt's feature.
 
-Why distillation: the hand-crafted prompts are what the checkpoint was trained to answer, so
-on its own task they are hard to beat; cross-entropy on a few shots overfits them and costs
-held-out accuracy, while matching the zero-shot decisions on clean images keeps them and leaves
-the prompts free to move only where triggered images land.
+Why distillation: the hand-crafted prompts are what the checkpoint was trained to answer.
+Cross-entropy on a few shots pulls the prompts towards those shots; distillation asks only that
+clean decisions stay as they were, which leaves the backdoor term room to move the prompts
+where triggered images land.
 
 Image features never change during this stage, so they are computed once by the caller (for a
 fixed set of views) and each step runs only the text tower on C prompts.
@@ -42,8 +43,8 @@ class TuningSettings(BaseModel):
     context_init: str | None = Field(default="a photo of a", max_length=200)
     backdoor_weight: float = Field(default=1.0, ge=0, le=100)
     backdoor_target: Literal["zero-shot", "label"] = "zero-shot"
-    # Distillation alone held CA best: cross-entropy on the shots cost as much or more held-out
-    # CA and left a higher ASR after rounds (BadNets lab: 0.027 against 0.008).
+    # Two rounds on the BadNets lab model: distillation left ASR 0.008 at CA 0.811, cross-entropy
+    # on the shots 0.027 at 0.818.
     clean_weight: float = Field(default=0.0, ge=0, le=100)
     distill_weight: float = Field(default=1.0, ge=0, le=100)
     # Few shots overfit fast: on lab models a weight of 0.5 cost 1.6 points of held-out CA
@@ -75,8 +76,9 @@ def tune_prompts(
 ) -> TuningResult:
     """Tunes one context per class; ``hand_crafted`` ``(C, D)`` anchors the regulariser.
 
-    With ``triggered_features`` left out (or a zero backdoor weight) this is plain CoOp with
-    class-specific contexts: the "prompt tuning without inversion" baseline.
+    ``triggered_features`` are blocks of the clean images triggered, in the same order, one
+    block per trigger. With them left out (or a zero backdoor weight), clean cross-entropy alone
+    is plain CoOp with class-specific contexts: the "prompt tuning without inversion" baseline.
     """
     torch.manual_seed(seed)
     prompts = ClassPrompts(
@@ -89,8 +91,8 @@ def tune_prompts(
     if triggered_features is not None and triggered_labels is not None and settings.backdoor_weight:
         if settings.backdoor_target == "label":
             targets = F.one_hot(triggered_labels, len(class_names)).float()
-        else:  # blocks of the same images, in the same order, one block per trigger
-            targets = teacher.repeat(triggered_features.shape[0] // teacher.shape[0], 1)
+        else:
+            targets = teacher.repeat(_blocks(triggered_features, clean_features), 1)
         backdoor = (triggered_features, targets)
     loss = torch.tensor(0.0)
     for step in range(settings.steps):
@@ -123,3 +125,14 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """Cross-entropy against target distributions: the KL divergence plus their constant
     entropy, so the gradients are the KL's."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _blocks(triggered: torch.Tensor, clean: torch.Tensor) -> int:
+    """How many triggered copies of the clean images there are; each takes their teacher."""
+    blocks, rest = divmod(triggered.shape[0], clean.shape[0])
+    if rest or not blocks:
+        raise ValueError(
+            f"{triggered.shape[0]} triggered features are not whole blocks of the "
+            f"{clean.shape[0]} clean images"
+        )
+    return blocks
