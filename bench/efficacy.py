@@ -13,6 +13,7 @@ ceiling" fits a free linear head (C x D, what any prompts finally give) with the
 for 1000 steps: no purification through the text side can do much better on that model.
 
     .venv/bin/python bench/efficacy.py [--attacks badnets,sig] [--seeds 0,1]
+    .venv/bin/python bench/efficacy.py --cbpt-only --options '{"rounds": 4}'  # a variant
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ def main() -> int:
     parser.add_argument("--attacks", default="clean," + ",".join(ATTACK_NAMES))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--options", default="{}", help="CBPT options as JSON, over the defaults (PurifyOptions)"
+    )
+    parser.add_argument(
+        "--cbpt-only", action="store_true", help="skip CoOp and the oracle: compare CBPT variants"
+    )
     parser.add_argument("--lab", type=Path, default=Path("var/bench/lab"))
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
     parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
     args = parser.parse_args()
     settings = LabSettings.for_dataset(args.dataset)
+    overrides = json.loads(args.options)
     console = Console(width=200)
     rows: list[dict[str, Any]] = []
     for name in [a for a in args.attacks.split(",") if a]:
@@ -71,8 +79,8 @@ def main() -> int:
             else default_attack("badnets", settings, _classes(folder))
         )
         for seed in [int(s) for s in args.seeds.split(",")]:
-            for defence in ("coop", "cbpt"):
-                options = _options(defence, seed, args.rounds)
+            for defence in ("cbpt",) if args.cbpt_only else ("coop", "cbpt"):
+                options = _options(defence, seed, args.rounds, overrides)
                 started = time.perf_counter()
                 with tempfile.TemporaryDirectory() as scratch:
                     result = purify(
@@ -103,8 +111,9 @@ def main() -> int:
                     f"{summary['ca_after']:.3f} ASR {summary['asr_before']:.3f}->"
                     f"{summary['asr_after']:.3f} verdict {result.verdict} ({seconds:.0f} s)"
                 )
-            if name != "clean":
-                for defence, (ca, asr) in oracle(folder, known, _options("cbpt", seed, 0)).items():
+            if name != "clean" and not args.cbpt_only:
+                base = _options("cbpt", seed, 0, overrides)
+                for defence, (ca, asr) in oracle(folder, known, base).items():
                     rows.append(
                         {
                             "model": name,
@@ -115,19 +124,22 @@ def main() -> int:
                         }
                     )
     _print(console, rows, args.dataset)
+    _print_means(console, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
-def _options(defence: str, seed: int, rounds: int) -> PurifyOptions:
+def _options(defence: str, seed: int, rounds: int, overrides: dict[str, Any]) -> PurifyOptions:
     if defence == "coop":
         # Prompt tuning on clean cross-entropy alone; the inversion still runs, for the verdict.
         tuning = TuningSettings(
             backdoor_weight=0.0, regularizer_weight=0.0, clean_weight=1.0, distill_weight=0.0
         )
         return PurifyOptions(seed=seed, device="cpu", tuning=tuning, rounds=0, tune_when_clean=True)
-    return PurifyOptions(seed=seed, device="cpu", rounds=rounds)
+    return PurifyOptions.model_validate(
+        {"seed": seed, "device": "cpu", "rounds": rounds, **overrides}
+    )
 
 
 def oracle(
@@ -230,7 +242,7 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
     for row in rows:
         by_key.setdefault((row["model"], row["seed"]), {})[row["defence"]] = row
     for (model, seed), pair in by_key.items():
-        coop, cbpt = pair["coop"], pair["cbpt"]
+        cbpt, coop = pair["cbpt"], pair.get("coop", {})
         best, ceiling = pair.get("oracle", {}), pair.get("ceiling", {})
         table.add_row(
             model,
@@ -241,8 +253,8 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
             _f(cbpt["mask_fraction"]),
             _f(cbpt["ca_before"]),
             _f(cbpt["asr_before"]),
-            _f(coop["ca_after"]),
-            _f(coop["asr_after"]),
+            _f(coop.get("ca_after")),
+            _f(coop.get("asr_after")),
             _f(cbpt["ca_after"]),
             _f(cbpt["asr_after"]),
             _f(cbpt["fidelity"]),
@@ -253,6 +265,18 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
             _f(ceiling.get("asr_after")),
         )
     console.print(table)
+
+
+def _print_means(console: Console, rows: list[dict[str, Any]]) -> None:
+    """CBPT over the backdoored models: the figures the targets are stated in."""
+    attacked = [r for r in rows if r["defence"] == "cbpt" and r["model"] != "clean"]
+    if attacked:
+        asr = [r["asr_after"] for r in attacked]
+        drop = [r["ca_before"] - r["ca_after"] for r in attacked]
+        console.print(
+            f"CBPT on {len(attacked)} backdoored runs: ASR after mean {sum(asr) / len(asr):.3f}, "
+            f"max {max(asr):.3f}; CA drop mean {sum(drop) / len(drop):.3f}, max {max(drop):.3f}"
+        )
 
 
 def _f(value: float | None) -> str:
