@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -14,7 +15,8 @@ from worker.cbpt.inversion import (
     info_nce,
     invert_trigger,
 )
-from worker.cbpt.zeroshot import Normalizer, encode_images
+from worker.cbpt.rounds import invert_against_head
+from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.evaluate import load_lab_model
 from worker.lab.make import LabModel
 
@@ -91,3 +93,43 @@ def test_flip_statistics_counts_the_other_classes() -> None:
         trigger,
     )
     assert (target, rate) == (1, 1.0)
+
+
+@pytest.mark.parametrize("contrastive_weight", [0.0, 1.0])
+def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
+    badnets_lab: LabModel, contrastive_weight: float
+) -> None:
+    """A round's trigger, warm-started from the last one, must work better against the head
+    than where it started and keep its mask under the budget (a hinge, so up to a little)."""
+    model, normalizer, size = load_lab_model(badnets_lab.directory)
+    model.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
+    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
+    head = class_embeddings(model, tokenizer, shots.class_names)
+    assert badnets_lab.attack is not None
+    target = shots.class_names.index(badnets_lab.attack.target or "")
+    victims = shots.images[shots.labels != target].float() / 255
+    generator = torch.Generator().manual_seed(0)
+    start = Trigger(torch.full((size, size), 0.02), torch.rand(3, size, size, generator=generator))
+
+    def sent_to_target(trigger: Trigger) -> float:
+        features = encode_images(model, victims, normalizer, transform=trigger.apply)
+        return float(((features @ head.T).argmax(dim=1) == target).float().mean())
+
+    budget = 0.03
+    trigger = invert_against_head(
+        model,
+        normalizer,
+        victims,
+        head,
+        target,
+        budget,
+        InversionSettings(batch_size=32),
+        steps=60,
+        start=start,
+        contrastive_weight=contrastive_weight,
+        logit_scale=float(model.logit_scale.exp()),
+        seed=0,
+    )
+    assert trigger.mask_fraction <= budget * 1.1
+    assert sent_to_target(trigger) > sent_to_target(start) + 0.2

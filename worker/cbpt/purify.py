@@ -98,6 +98,9 @@ class PurifyOptions(BaseModel):
     mask_budget: float = Field(
         default=1.2, gt=0, le=10, description="Re-inverted masks, relative to the first one."
     )
+    round_contrastive_weight: float = Field(
+        default=0.0, ge=0, le=100, description="Weight of stage 1's InfoNCE in re-inversion."
+    )
     verdict: VerdictSettings = VerdictSettings()
     tune_when_clean: bool = Field(
         default=False,
@@ -343,6 +346,7 @@ def _tune_in_rounds(
                     options.inversion,
                     steps=options.round_steps,
                     start=triggers[-1],
+                    contrastive_weight=options.round_contrastive_weight,
                     logit_scale=scale,
                     seed=options.seed + round_index,
                     should_cancel=should_cancel,

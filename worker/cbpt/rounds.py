@@ -15,8 +15,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-from worker.cbpt.inversion import CancelledError, InversionSettings, Trigger, TriggerParameters
-from worker.cbpt.zeroshot import Normalizer
+from worker.cbpt.inversion import (
+    CancelledError,
+    InversionSettings,
+    Trigger,
+    TriggerParameters,
+    info_nce,
+)
+from worker.cbpt.zeroshot import Normalizer, encode_images
 
 
 def invert_against_head(
@@ -30,6 +36,7 @@ def invert_against_head(
     *,
     steps: int,
     start: Trigger | None,
+    contrastive_weight: float = 0.0,
     logit_scale: float,
     seed: int,
     progress: Callable[[float], None] | None = None,
@@ -39,6 +46,8 @@ def invert_against_head(
 
     The mask's mean is held under ``mask_budget`` by a hinge penalty; within it, a small L1 term
     keeps it as small as the attack allows. ``start`` (the last round's trigger) warm-starts it.
+    ``contrastive_weight`` adds stage 1's InfoNCE, so that the trigger keeps making images
+    alike (what a backdoor does) rather than only fooling this head.
     """
     generator = torch.Generator().manual_seed(seed)
     device = images.device
@@ -49,6 +58,7 @@ def invert_against_head(
         parameters = TriggerParameters.starting_from(start, device, settings.lr)
     batch = min(settings.batch_size, images.shape[0])
     targets = torch.full((batch,), target, dtype=torch.int64, device=device)
+    clean = encode_images(model, images, normalizer) if contrastive_weight else None
     for step in range(steps):
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during trigger re-inversion")
@@ -62,6 +72,8 @@ def invert_against_head(
             + settings.lambda_init * size
             + 100 * F.relu(size - mask_budget)
         )
+        if clean is not None:
+            loss = loss + contrastive_weight * info_nce(features, clean[index], settings.tau)
         parameters.step(loss)
         if progress is not None:
             progress((step + 1) / steps)
