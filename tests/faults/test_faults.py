@@ -27,7 +27,13 @@ from worker.lab.make import LabModel
 
 pytestmark = pytest.mark.slow
 
-FAST = {"rounds": 0, "inversion": {"steps": 60, "batch_size": 16}, "tuning": {"steps": 40}}
+# Long enough for a kill to land mid-job: a model found clean skips tuning, so tune anyway.
+FAST = {
+    "rounds": 0,
+    "tune_when_clean": True,
+    "inversion": {"steps": 150, "batch_size": 16},
+    "tuning": {"steps": 40},
+}
 SLOW_INVERSION = {"rounds": 0, "inversion": {"steps": 20_000, "batch_size": 16}}
 SLOW_TUNING = {
     "rounds": 0,
