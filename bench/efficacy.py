@@ -38,7 +38,7 @@ from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
 from worker.cbpt.purify import PurifyOptions, purify
-from worker.cbpt.tuning import TuningSettings, tune_prompts
+from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.datasets import default_dataset
 from worker.lab.make import LabSettings, default_attack, make_lab_model
@@ -169,7 +169,7 @@ def oracle(
         seed=options.seed,
     )
     scale = float(model.logit_scale.exp())
-    ceiling = _free_head(hand, clean, triggered, scale, options.tuning)
+    ceiling = _free_head(hand, clean, shots.labels, triggered, scale, options.tuning)
     target = shots.class_names.index(trigger.target or "")
     test_clean = encode_images(model, test.images, normalizer)
     test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)
@@ -185,25 +185,18 @@ def oracle(
 def _free_head(
     hand: torch.Tensor,
     clean: torch.Tensor,
+    labels: torch.Tensor,
     triggered: torch.Tensor,
     scale: float,
     settings: TuningSettings,
     steps: int = 1000,
 ) -> torch.Tensor:
-    """A linear head fitted with CBPT's distillation, backdoor and drift terms, no prompts."""
+    """A linear head fitted with CBPT's own tuning objective, no prompts."""
     weights = torch.nn.Parameter(hand.clone())
     optimizer = torch.optim.Adam([weights], lr=5e-3)
-    teacher = torch.softmax(scale * clean @ hand.T, dim=1)
+    objective = TuningObjective(scale, hand, clean, labels, triggered, labels, settings)
     for _ in range(steps):
-        head = F.normalize(weights, dim=1)
-        kept = -(teacher * F.log_softmax(scale * clean @ head.T, dim=1)).sum(1).mean()
-        moved = -(teacher * F.log_softmax(scale * triggered @ head.T, dim=1)).sum(1).mean()
-        drift = (1 - (head * hand).sum(dim=1)).mean()
-        loss = (
-            settings.distill_weight * kept
-            + settings.backdoor_weight * moved
-            + settings.regularizer_weight * drift
-        )
+        loss = objective(F.normalize(weights, dim=1))
         optimizer.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()

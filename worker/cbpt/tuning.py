@@ -59,6 +59,52 @@ class TuningResult:
     final_loss: float
 
 
+class TuningObjective:
+    """The three losses of a set of class embeddings ``(C, D)``, whatever produces them: the
+    prompts here, or the free linear head the efficacy benchmark fits as a ceiling."""
+
+    def __init__(
+        self,
+        logit_scale: float,
+        hand_crafted: torch.Tensor,
+        clean_features: torch.Tensor,
+        clean_labels: torch.Tensor,
+        triggered_features: torch.Tensor | None,
+        triggered_labels: torch.Tensor | None,
+        settings: TuningSettings,
+    ) -> None:
+        self.scale, self.hand_crafted, self.settings = logit_scale, hand_crafted, settings
+        self.clean_features, self.clean_labels = clean_features, clean_labels
+        self.teacher = torch.softmax(logit_scale * clean_features @ hand_crafted.T, dim=1)
+        self.backdoor: tuple[torch.Tensor, torch.Tensor] | None = None
+        if (
+            triggered_features is not None
+            and triggered_labels is not None
+            and settings.backdoor_weight
+        ):
+            if settings.backdoor_target == "label":
+                targets = F.one_hot(triggered_labels, hand_crafted.shape[0]).float()
+            else:
+                targets = self.teacher.repeat(_blocks(triggered_features, clean_features), 1)
+            self.backdoor = (triggered_features, targets)
+
+    def __call__(self, text: torch.Tensor) -> torch.Tensor:
+        settings, scale = self.settings, self.scale
+        clean_logits = scale * self.clean_features @ text.T
+        loss = settings.clean_weight * F.cross_entropy(clean_logits, self.clean_labels)
+        if settings.distill_weight > 0:
+            loss = loss + settings.distill_weight * _soft_cross_entropy(clean_logits, self.teacher)
+        if self.backdoor is not None:
+            features, targets = self.backdoor
+            loss = loss + settings.backdoor_weight * _soft_cross_entropy(
+                scale * features @ text.T, targets
+            )
+        if settings.regularizer_weight > 0:
+            drift = 1 - (text * self.hand_crafted).sum(dim=1)
+            loss = loss + settings.regularizer_weight * drift.mean()
+        return loss
+
+
 def tune_prompts(
     model: open_clip.CLIP,
     tokenizer: Tokenizer,
@@ -85,32 +131,20 @@ def tune_prompts(
         model, tokenizer, class_names, n_ctx=settings.n_ctx, init=settings.context_init, seed=seed
     ).to(clean_features.device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=settings.lr)
-    scale = model.logit_scale.exp().detach()
-    teacher = torch.softmax(scale * clean_features @ hand_crafted.T, dim=1)  # zero-shot, clean
-    backdoor = None
-    if triggered_features is not None and triggered_labels is not None and settings.backdoor_weight:
-        if settings.backdoor_target == "label":
-            targets = F.one_hot(triggered_labels, len(class_names)).float()
-        else:
-            targets = teacher.repeat(_blocks(triggered_features, clean_features), 1)
-        backdoor = (triggered_features, targets)
+    objective = TuningObjective(
+        float(model.logit_scale.exp()),
+        hand_crafted,
+        clean_features,
+        clean_labels,
+        triggered_features,
+        triggered_labels,
+        settings,
+    )
     loss = torch.tensor(0.0)
     for step in range(settings.steps):
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during prompt tuning")
-        text = encode_prompts(model, prompts(), prompts.tokens)  # (C, D)
-        clean_logits = scale * clean_features @ text.T
-        loss = settings.clean_weight * F.cross_entropy(clean_logits, clean_labels)
-        if settings.distill_weight > 0:
-            loss = loss + settings.distill_weight * _soft_cross_entropy(clean_logits, teacher)
-        if backdoor is not None:
-            features, targets = backdoor
-            loss = loss + settings.backdoor_weight * _soft_cross_entropy(
-                scale * features @ text.T, targets
-            )
-        if settings.regularizer_weight > 0:
-            drift = 1 - (text * hand_crafted).sum(dim=1)
-            loss = loss + settings.regularizer_weight * drift.mean()
+        loss = objective(encode_prompts(model, prompts(), prompts.tokens))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
