@@ -121,4 +121,3 @@ class BlobWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
-
