@@ -92,6 +92,7 @@ def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None
     assert paths["trigger.png"].read_bytes().startswith(b"\x89PNG")
     report = json.loads(paths["report.json"].read_text())
     assert report["schema_version"] == 1
+    assert report["runtime"] == {"device": "cpu", "precision": "fp32"}
     assert report["verdict"] in ("backdoored", "suspicious", "clean")
     assert set(report["summary"]) == {
         "ca_before",

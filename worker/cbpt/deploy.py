@@ -15,7 +15,7 @@ from torch import nn
 
 from worker.cbpt.artifacts import read_classes
 from worker.cbpt.checkpoint import load_checkpoint
-from worker.cbpt.prompts import ClassPrompts, encode_prompts
+from worker.cbpt.prompts import ClassPrompts, prompt_class_embeddings
 from worker.cbpt.zeroshot import Normalizer
 
 
@@ -68,7 +68,7 @@ def load_purified_classifier(
         ).to(device)
         with torch.no_grad():
             prompts.context.copy_(context)
-            embeddings = encode_prompts(loaded.model, prompts(), prompts.tokens)
+        embeddings = prompt_class_embeddings(loaded.model, prompts)
         scale = float(loaded.model.logit_scale.exp())
     else:
         raise ValueError(f"{prompts_or_head.name} holds neither 'class_embeddings' nor 'context'")

@@ -180,7 +180,7 @@ def _invert_once(
             raise CancelledError("cancelled during trigger inversion")
         index = torch.randperm(pixels.shape[0], generator=generator)[:batch].to(device)
         triggered, mask = parameters.stamp(pixels[index])
-        features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
+        features = model.encode_image(normalizer(triggered), normalize=True).float()  # type: ignore[operator]
         contrastive = info_nce(features, clean_features[index], settings.tau)
         parameters.step(contrastive + weight * mask.mean())
         if contrastive.item() < settings.success_loss:

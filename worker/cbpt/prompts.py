@@ -62,7 +62,8 @@ class ClassPrompts(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        tokens = prompt_tokens(tokenizer, class_names, n_ctx)  # (C, L)
+        device = model.token_embedding.weight.device
+        tokens = prompt_tokens(tokenizer, class_names, n_ctx).to(device)  # (C, L)
         with torch.no_grad():
             embedded = model.token_embedding(tokens)  # (C, L, width)
             context = self._initial_context(model, tokenizer, len(class_names), n_ctx, init, seed)
@@ -84,8 +85,9 @@ class ClassPrompts(nn.Module):
         width = model.token_embedding.weight.shape[1]
         if init is None:
             generator = torch.Generator().manual_seed(seed)
-            return torch.randn(n_classes, n_ctx, width, generator=generator) * 0.02
-        init_tokens = tokenizer([init])[0]
+            device = model.token_embedding.weight.device
+            return (torch.randn(n_classes, n_ctx, width, generator=generator) * 0.02).to(device)
+        init_tokens = tokenizer([init])[0].to(model.token_embedding.weight.device)
         n_words = int(init_tokens.argmax()) - 1  # between SOT and EOT
         if n_words != n_ctx:
             raise ValueError(f"context init {init!r} is {n_words} tokens, not n_ctx={n_ctx}")
@@ -122,7 +124,15 @@ def encode_prompts(
     projection = model.text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-    return F.normalize(x, dim=-1)
+    return F.normalize(x.float(), dim=-1)
+
+
+@torch.no_grad()
+def prompt_class_embeddings(model: open_clip.CLIP, prompts: ClassPrompts) -> torch.Tensor:
+    """The class embeddings ``(C, D)`` that ``prompts`` give, in float32 even under autocast:
+    the head a job ships must be what deploying its prompts computes."""
+    with torch.autocast(device_type=prompts.context.device.type, enabled=False):
+        return encode_prompts(model, prompts(), prompts.tokens)
 
 
 def pooled_length(model: open_clip.CLIP, tokens: torch.Tensor) -> int:

@@ -43,7 +43,13 @@ from worker.cbpt.metrics import (
     per_class_accuracy,
     predictions,
 )
-from worker.cbpt.prompts import ClassPrompts, PromptTooLongError, encode_prompts, prompt_tokens
+from worker.cbpt.precision import PrecisionChoice, autocast, resolve_precision
+from worker.cbpt.prompts import (
+    ClassPrompts,
+    PromptTooLongError,
+    prompt_class_embeddings,
+    prompt_tokens,
+)
 from worker.cbpt.report import render_html
 from worker.cbpt.rounds import invert_against_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
@@ -86,6 +92,11 @@ class PurifyOptions(BaseModel):
     holdout_fraction: float = Field(default=0.5, gt=0, lt=1)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: PrecisionChoice = Field(
+        default="auto",
+        description="Precision of the frozen towers' forward passes: 'auto' is bf16 autocast "
+        "on CUDA and fp32 elsewhere; prompts, triggers and artifacts are fp32 either way.",
+    )
     inversion: InversionSettings = InversionSettings()
     tuning: TuningSettings = TuningSettings()
     rounds: int = Field(default=2, ge=0, le=10)
@@ -221,45 +232,48 @@ def purify(
     tune_labels = images.labels[tune_index].to(device)
     stage_done("load")
 
-    inversion = invert_trigger(
-        model,
-        normalizer,
-        tune_pixels,
-        options.inversion,
-        seed=options.seed,
-        progress=lambda f: report("inversion", f),
-        should_cancel=cancelled,
-    )
-    first = inversion.trigger
-    target, tune_flip = flip_statistics(
-        model, normalizer, hand, tune_pixels, tune_labels.cpu(), first
-    )
-    verdict = verdict_of(tune_flip, first.mask_fraction, options.verdict)
-    stage_done("inversion")
-
-    scale = float(model.logit_scale.exp())
-    tune = verdict != "clean" or options.tune_when_clean or options.tuning.context_init is None
-    if not tune:
-        triggers = [first]
-        context, embeddings = _hand_crafted_prompts(model, tokenizer, names, options, device)
-    else:
-        triggers, context, embeddings = _tune_in_rounds(
+    precision = resolve_precision(device, options.precision)
+    with autocast(device, precision):
+        inversion = invert_trigger(
             model,
             normalizer,
-            tokenizer,
-            names,
-            hand,
             tune_pixels,
-            tune_labels,
-            first,
-            target,
-            scale,
-            options,
-            progress=report,
+            options.inversion,
+            seed=options.seed,
+            progress=lambda f: report("inversion", f),
             should_cancel=cancelled,
         )
-    stage_done("tuning")
+        first = inversion.trigger
+        target, tune_flip = flip_statistics(
+            model, normalizer, hand, tune_pixels, tune_labels.cpu(), first
+        )
+        verdict = verdict_of(tune_flip, first.mask_fraction, options.verdict)
+        stage_done("inversion")
 
+        scale = float(model.logit_scale.exp())
+        tune = verdict != "clean" or options.tune_when_clean or options.tuning.context_init is None
+        if not tune:
+            triggers = [first]
+            context, embeddings = _hand_crafted_prompts(model, tokenizer, names, options, device)
+        else:
+            triggers, context, embeddings = _tune_in_rounds(
+                model,
+                normalizer,
+                tokenizer,
+                names,
+                hand,
+                tune_pixels,
+                tune_labels,
+                first,
+                target,
+                scale,
+                options,
+                progress=report,
+                should_cancel=cancelled,
+            )
+        stage_done("tuning")
+
+    # Measured in float32, as load_purified_classifier deploys the head.
     evaluation = _evaluate(
         model, normalizer, held_out, hand, embeddings, first, target, known_triggers
     )
@@ -297,6 +311,7 @@ def purify(
         },
         "model_sha256": loaded.sha256,
         "options": options.model_dump(mode="json"),
+        "runtime": {"device": device.type, "precision": precision},
         "timings_s": timings,
         "versions": _versions(),
     }
@@ -392,8 +407,7 @@ def _hand_crafted_prompts(
         init=settings.context_init,
         seed=options.seed,
     ).to(device)
-    embeddings = encode_prompts(model, prompts(), prompts.tokens)
-    return prompts.context.detach(), embeddings
+    return prompts.context.detach(), prompt_class_embeddings(model, prompts)
 
 
 def stratified_split(

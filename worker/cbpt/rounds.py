@@ -64,7 +64,7 @@ def invert_against_head(
             raise CancelledError("cancelled during trigger re-inversion")
         index = torch.randperm(images.shape[0], generator=generator)[:batch].to(device)
         triggered, mask = parameters.stamp(images[index])
-        features = model.encode_image(normalizer(triggered), normalize=True)  # type: ignore[operator]
+        features = model.encode_image(normalizer(triggered), normalize=True).float()  # type: ignore[operator]
         logits = logit_scale * features @ class_embeddings.T
         size = mask.mean()
         loss = (

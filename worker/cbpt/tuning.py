@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.cbpt.inversion import CancelledError
-from worker.cbpt.prompts import ClassPrompts, Tokenizer, encode_prompts
+from worker.cbpt.prompts import ClassPrompts, Tokenizer, encode_prompts, prompt_class_embeddings
 
 
 class TuningSettings(BaseModel):
@@ -150,8 +150,7 @@ def tune_prompts(
         optimizer.step()
         if progress is not None:
             progress((step + 1) / settings.steps)
-    with torch.no_grad():
-        embeddings = encode_prompts(model, prompts(), prompts.tokens)
+    embeddings = prompt_class_embeddings(model, prompts)
     return TuningResult(prompts, embeddings, loss.item())
 
 

@@ -45,7 +45,7 @@ def class_embeddings(
     rows = []
     for name in class_names:
         tokens = tokenizer([template.format(name) for template in templates]).to(device)
-        features = model.encode_text(tokens, normalize=True)  # type: ignore[operator]
+        features = model.encode_text(tokens, normalize=True).float()  # type: ignore[operator]
         rows.append(torch.nn.functional.normalize(features.mean(0), dim=-1))
     return torch.stack(rows)
 
@@ -69,5 +69,6 @@ def encode_images(
         batch = to_unit_float(images[start : start + batch_size]).to(device)
         if transform is not None:
             batch = transform(batch)
-        chunks.append(model.encode_image(normalizer(batch), normalize=True))  # type: ignore[operator]
+        features = model.encode_image(normalizer(batch), normalize=True)  # type: ignore[operator]
+        chunks.append(features.float())
     return torch.cat(chunks)
