@@ -5,17 +5,29 @@ do not change while prompts are tuned. This measures one epoch (one pass over th
 images) both ways in the same run. Targets: cached >= 10x faster; a whole job on a lab model
 <= 60 s on 2 CPU cores.
 
-    .venv/bin/python bench/speed.py [--lab var/bench/lab/badnets] [--steps 20]
+    .venv/bin/python bench/speed.py [--lab var/bench/lab/badnets] [--epochs 20]
+
+``--arch`` times a job on a real open_clip architecture instead, with random weights (none can
+be downloaded here, and speed does not depend on them) and 16 digits shots per class resized to
+its input size. Target: ViT-B-32, 10 classes x 16 shots, a whole job <= 60 s on one GPU:
+
+    python bench/speed.py --arch ViT-B-32 --device cuda [--precision bf16] [--jobs 2]
+
+A process's first job pays for CUDA's start-up (kernels, cuBLAS handles); ``--jobs 2`` shows
+what a warm worker takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F  # noqa: N812
 from rich.console import Console
@@ -23,14 +35,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import parse_attack
+from worker.cbpt.attacks import BadNets, parse_attack
 from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.precision import Precision, autocast
 from worker.cbpt.prompts import ClassPrompts, encode_prompts
 from worker.cbpt.purify import PurifyOptions, purify
 from worker.cbpt.zeroshot import Normalizer, encode_images
-from worker.lab.datasets import default_dataset
-from worker.lab.make import LabSettings, make_lab_model
+from worker.lab.datasets import default_dataset, load_dataset
+from worker.lab.export import preprocess_cfg, write_hub_checkpoint, write_image_archive, write_json
+from worker.lab.make import LabSettings, few_shot_indices, make_lab_model
 
 
 def main() -> int:
@@ -39,31 +53,61 @@ def main() -> int:
     )
     parser.add_argument("--lab", type=Path, default=Path("var/bench/lab/badnets"))
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
+    parser.add_argument(
+        "--arch", help="an open_clip model name: time it with random weights instead of --lab"
+    )
+    parser.add_argument("--shots", type=int, default=16, help="per class, with --arch")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--options", default="{}", help="JSON merged into the job's options")
+    parser.add_argument("--jobs", type=int, default=1, help="whole jobs in a row, one process")
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
-    if not (args.lab / "open_clip_model.safetensors").is_file():
-        settings = LabSettings.for_dataset(default_dataset())
-        make_lab_model("badnets", args.lab, settings, cache_dir=args.cache)
     console = Console(width=132)
+    options = PurifyOptions.model_validate(
+        {**json.loads(args.options), "device": args.device, "precision": args.precision}
+    )
 
     with tempfile.TemporaryDirectory() as scratch:
-        started = time.perf_counter()
-        result = purify(
-            args.lab,
-            args.lab / "fewshot.zip",
-            PurifyOptions(device="cpu"),
-            out_dir=Path(scratch),
-            known_triggers=(parse_attack((args.lab / "attack.json").read_bytes()),),
+        if args.arch:
+            subject = Path(scratch) / "subject"
+            _random_subject(args.arch, subject, args.shots)
+            title = f"{args.arch}, random weights, 10 classes x {args.shots} shots"
+        else:
+            subject = args.lab
+            if not (subject / "open_clip_model.safetensors").is_file():
+                settings = LabSettings.for_dataset(default_dataset())
+                make_lab_model("badnets", subject, settings, cache_dir=args.cache)
+            title = f"{subject}, 16 shots"
+        trigger = parse_attack((subject / "attack.json").read_bytes())
+        for job in range(1, args.jobs + 1):
+            started = time.perf_counter()
+            result = purify(
+                subject,
+                subject / "fewshot.zip",
+                options,
+                out_dir=Path(scratch) / f"out-{job}",
+                known_triggers=(trigger,),
+            )
+            whole = time.perf_counter() - started
+            runtime = result.report["runtime"]
+            console.print(
+                f"job {job}: {title}, split 50/50, {runtime['device']} "
+                f"{runtime['precision']}: whole job {whole:.1f} s"
+            )
+            stages = Table()
+            stages.add_column("stage")
+            stages.add_column("seconds", justify="right")
+            for stage, seconds in result.report["timings_s"].items():
+                stages.add_row(stage, f"{seconds:.2f}")
+            console.print(stages)
+        console.print(
+            f"verdict {result.verdict}, CA {result.summary['ca_before']:.3f} -> "
+            f"{result.summary['ca_after']:.3f}"
         )
-        whole = time.perf_counter() - started
-    stages = Table(title=f"whole job on {args.lab} (16 shots, split 50/50): {whole:.1f} s")
-    stages.add_column("stage")
-    stages.add_column("seconds", justify="right")
-    for stage, seconds in result.report["timings_s"].items():
-        stages.add_row(stage, f"{seconds:.2f}")
-    console.print(stages)
 
-    cached, recomputed = _stage_two_epochs(args.lab, args.epochs)
+        device = torch.device(runtime["device"])
+        cached, recomputed = _stage_two_epochs(subject, args.epochs, device, runtime["precision"])
     table = Table(title=f"stage 2, seconds per epoch (mean of {args.epochs})")
     for column in ("image features", "s / epoch", "speed-up"):
         table.add_column(column, justify="right")
@@ -73,18 +117,41 @@ def main() -> int:
     return 0
 
 
-def _stage_two_epochs(lab: Path, epochs: int) -> tuple[float, float]:
+def _random_subject(arch: str, directory: Path, shots: int) -> None:
+    """A hub folder of ``arch`` with random weights, digits shots at its size, a BadNets spec."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else int(size)
+    preprocess = preprocess_cfg(size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    write_hub_checkpoint(directory, model, open_clip.get_model_config(arch), preprocess)
+    digits = load_dataset("digits", size)
+    index = few_shot_indices(digits.train.labels, shots, seed=0)
+    write_image_archive(
+        directory / "fewshot.zip",
+        digits.train.images[index],
+        digits.train.labels[index],
+        digits.folders,
+        digits.classes,
+    )
+    spec = BadNets(target=digits.classes[0], seed=0, size=0.125, cells=4)
+    write_json(directory / "attack.json", spec.model_dump(mode="json"))
+
+
+def _stage_two_epochs(
+    subject: Path, epochs: int, device: torch.device, precision: Precision
+) -> tuple[float, float]:
     """One epoch = one full-batch step over the tuning images, clean and triggered views."""
-    loaded = load_checkpoint(lab)
+    loaded = load_checkpoint(subject, device=device)
     model = loaded.model
     normalizer = Normalizer(loaded.preprocess.mean, loaded.preprocess.std)
-    shots = read_image_set(lab / "fewshot.zip", loaded.preprocess.size)
-    pixels = shots.images.float() / 255
-    trigger = parse_attack((lab / "attack.json").read_bytes())
-    prompts = ClassPrompts(model, loaded.tokenizer, shots.class_names)
+    shots = read_image_set(subject / "fewshot.zip", loaded.preprocess.size)
+    pixels = (shots.images.float() / 255).to(device)
+    trigger = parse_attack((subject / "attack.json").read_bytes())
+    prompts = ClassPrompts(model, loaded.tokenizer, shots.class_names).to(device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=5e-3)
     scale = model.logit_scale.exp().detach()
-    labels = torch.cat([shots.labels, shots.labels])
+    labels = torch.cat([shots.labels, shots.labels]).to(device)
 
     def step(features: torch.Tensor) -> None:
         text = encode_prompts(model, prompts(), prompts.tokens)
@@ -98,16 +165,25 @@ def _stage_two_epochs(lab: Path, epochs: int) -> tuple[float, float]:
         triggered = encode_images(model, pixels, normalizer, transform=trigger.apply)
         return torch.cat([clean, triggered])
 
-    cache = features_now()
-    started = time.perf_counter()
-    for _ in range(epochs):
-        step(cache)
-    cached = (time.perf_counter() - started) / epochs
-    started = time.perf_counter()
-    for _ in range(epochs):
-        step(features_now())
-    recomputed = (time.perf_counter() - started) / epochs
+    def seconds_per_epoch(features: Callable[[], torch.Tensor]) -> float:
+        step(features())  # warm-up: allocations and kernel choice are not the epoch's cost
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(epochs):
+            step(features())
+        _synchronize(device)
+        return (time.perf_counter() - started) / epochs
+
+    with autocast(device, precision):
+        cache = features_now()
+        cached = seconds_per_epoch(lambda: cache)
+        recomputed = seconds_per_epoch(features_now)
     return cached, recomputed
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

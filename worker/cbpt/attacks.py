@@ -132,6 +132,7 @@ class _PatchSpec(_Spec):
         """Pastes ``pattern`` ``(3, h, w)`` where this spec puts its patch; differentiable in it."""
         batch, _, height, width = images.shape
         side = self.patch_side(height, width)
+        pattern = pattern.to(images.device, images.dtype)
         patch = F.interpolate(pattern[None], size=(side, side), mode="nearest")[0]
         rows, cols = self._corners(batch, height, width, side)
         out = images.clone()
@@ -209,7 +210,7 @@ class Blended(_Spec):
     def _apply(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         pattern = F.interpolate(
-            self.pattern()[None], size=size, mode="bilinear", align_corners=False
+            self.pattern()[None].to(images.device), size=size, mode="bilinear", align_corners=False
         )
         return (1 - self.alpha) * images + self.alpha * pattern
 
@@ -229,7 +230,7 @@ class SIG(_Spec):
 
     def _apply(self, images: torch.Tensor) -> torch.Tensor:
         width = images.shape[-1]
-        columns = torch.arange(width, dtype=torch.float32)
+        columns = torch.arange(width, dtype=torch.float32, device=images.device)
         signal = self.delta * torch.sin(2 * math.pi * columns * self.frequency / width)
         return images + signal.view(1, 1, 1, width)
 
@@ -266,7 +267,8 @@ class WaNet(_Spec):
         return (grid * self.grid_rescale).clamp(-1, 1)
 
     def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.warp_grid(*images.shape[-2:]).expand(images.shape[0], -1, -1, -1)
+        grid = self.warp_grid(*images.shape[-2:]).to(images.device)
+        grid = grid.expand(images.shape[0], -1, -1, -1)
         return F.grid_sample(
             images, grid, mode="bilinear", padding_mode="border", align_corners=True
         )

@@ -333,7 +333,7 @@ def _write_folder(
         normalizer.std.flatten().tolist(),
     )
     write_hub_checkpoint(out_dir, model, settings.architecture.model_cfg(), preprocess)
-    shots = _few_shot_indices(data.train.labels, settings.shots, settings.seed)
+    shots = few_shot_indices(data.train.labels, settings.shots, settings.seed)
     write_image_archive(
         out_dir / "fewshot.zip",
         data.train.images[shots],
@@ -365,7 +365,7 @@ def _write_folder(
     )
 
 
-def _few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
+def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
     """``shots`` images per class from the training split, seeded, in class order."""
     generator = torch.Generator().manual_seed(seed + 7)
     picked = []
