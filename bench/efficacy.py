@@ -59,10 +59,16 @@ def main() -> int:
         "--cbpt-only", action="store_true", help="skip CoOp and the oracle: compare CBPT variants"
     )
     parser.add_argument("--lab", type=Path, default=Path("var/bench/lab"))
+    parser.add_argument(
+        "--lab-settings",
+        default="{}",
+        help="LabSettings as JSON over the defaults, for models not yet in --lab, e.g. "
+        '\'{"architecture": {"embed_dim": 128}}\' (give such a lab its own --lab)',
+    )
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
     parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
     args = parser.parse_args()
-    settings = LabSettings.for_dataset(args.dataset)
+    settings = LabSettings.for_dataset(args.dataset, **json.loads(args.lab_settings))
     overrides = json.loads(args.options)
     console = Console(width=200)
     rows: list[dict[str, Any]] = []

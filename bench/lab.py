@@ -39,8 +39,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("var/bench/lab"))
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
     parser.add_argument("--determinism", action="store_true", help="make the first attack twice")
+    parser.add_argument(
+        "--settings",
+        default="{}",
+        help='LabSettings as JSON over the defaults, e.g. \'{"architecture": {"embed_dim": 128}}\'',
+    )
     args = parser.parse_args()
-    settings = LabSettings(dataset=args.dataset, seed=args.seed)
+    overrides = json.loads(args.settings)
+    settings = LabSettings.model_validate({"dataset": args.dataset, "seed": args.seed, **overrides})
     console = Console(width=132)
     rows = []
 
