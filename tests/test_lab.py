@@ -99,3 +99,31 @@ def test_cli_eval_prints_json_last(badnets_lab: LabModel) -> None:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_purify_writes_the_artifacts_and_prints_a_summary(
+    badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    directory, out = badnets_lab.directory, tmp_path / "purified"
+    arguments = ["purify", "--checkpoint", str(directory), "--data", str(directory / "fewshot.zip")]
+    arguments += ["--out", str(out), "--known-trigger", str(directory / "attack.json")]
+    result = CliRunner().invoke(app, [*arguments, "--rounds", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "verdict:" in result.output
+    assert "badnets" in result.output  # the known trigger's row
+    report = json.loads((out / "report.json").read_text())
+    assert report["runtime"] == {"device": "cpu", "precision": "fp32"}
+    assert report["rounds"]["count"] == 0
+    for name in ("prompts.safetensors", "head.safetensors", "trigger.png", "report.html"):
+        assert (out / name).is_file(), name
+
+
+def test_cli_purify_refuses_an_unknown_precision(badnets_lab: LabModel, tmp_path: Path) -> None:
+    directory = badnets_lab.directory
+    arguments = ["purify", "--checkpoint", str(directory), "--data", str(directory / "fewshot.zip")]
+    result = CliRunner().invoke(
+        app, [*arguments, "--out", str(tmp_path / "out"), "--precision", "fp16"]
+    )
+    assert result.exit_code == 2
+    assert "--precision" in result.output
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -32,13 +33,23 @@ def purify(
     seed: Annotated[int, typer.Option(help="Seeds the split, inversion and tuning.")] = 0,
     rounds: Annotated[int, typer.Option(help="Re-inversion rounds after the first.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.")
+    ] = "auto",
 ) -> None:
     """Invert the trigger, tune class-wise prompts, and report CA and ASR before and after."""
     from worker.cbpt.attacks import parse_attack
     from worker.cbpt.purify import PurifyOptions
     from worker.cbpt.purify import purify as run
 
-    options = PurifyOptions.model_validate({"seed": seed, "rounds": rounds, "device": device})
+    try:
+        options = PurifyOptions.model_validate(
+            {"seed": seed, "rounds": rounds, "device": device, "precision": precision}
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(
+            "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
     specs = tuple(parse_attack(path.read_bytes()) for path in known_trigger or [])
     console = Console(stderr=True)
     with stage_bars(console) as progress:
