@@ -11,6 +11,8 @@ Two reference columns use the *real* trigger's features of the same shots, as if
 were perfect. "oracle" tunes the prompts once on them with CBPT's losses (no rounds). "linear
 ceiling" fits a free linear head (C x D, what any prompts finally give) with the same losses
 for 1000 steps: no purification through the text side can do much better on that model.
+"re-inv. after" is the job's own adaptive check: the held-out ASR of a trigger re-inverted
+against the purified head, what a job with no known trigger reports as its ASR after.
 
     .venv/bin/python bench/efficacy.py [--attacks badnets,sig] [--seeds 0,1]
     .venv/bin/python bench/efficacy.py --cbpt-only --options '{"rounds": 4}'  # a variant
@@ -110,6 +112,16 @@ def main() -> int:
                         "flip_rate": result.report["detection"]["flip_rate"],
                         "mask_fraction": result.report["detection"]["mask_fraction"],
                         "score": result.report["detection"]["score"],
+                        # The adaptive check: what a trigger re-inverted against the purified
+                        # head still gets, the job's own estimate of the ASR left.
+                        "reinverted_asr_after": next(
+                            (
+                                t["asr_after"]
+                                for t in result.report["triggers"]
+                                if t["kind"] == "re-inverted"
+                            ),
+                            None,
+                        ),
                     }
                 )
                 console.print(
@@ -229,6 +241,7 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         "CA CBPT",
         "ASR CBPT",
         "fidelity CBPT",
+        "re-inv. after",
         "CBPT (s)",
         "CA oracle",
         "ASR oracle",
@@ -257,6 +270,7 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
             _f(cbpt["ca_after"]),
             _f(cbpt["asr_after"]),
             _f(cbpt["fidelity"]),
+            _f(cbpt.get("reinverted_asr_after")),
             f"{cbpt['seconds']:.0f}",
             _f(best.get("ca_after")),
             _f(best.get("asr_after")),

@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="whole jobs in a row, one process")
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
+    if args.jobs < 1 or args.epochs < 1:
+        parser.error("--jobs and --epochs must be at least 1")
     console = Console(width=132)
     options = PurifyOptions.model_validate(
         {**json.loads(args.options), "device": args.device, "precision": args.precision}

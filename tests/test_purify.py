@@ -67,6 +67,33 @@ def test_purification_lowers_the_real_asr_and_keeps_ca(purified: PurifyResult) -
     assert summary["ca_after"] >= summary["ca_before"] - 0.1, summary
 
 
+def test_the_summary_measures_the_known_trigger_and_the_adaptive_check_is_reported(
+    purified: PurifyResult,
+) -> None:
+    triggers = purified.report["triggers"]
+    assert [t["kind"] for t in triggers] == ["inverted", "known", "re-inverted"]
+    inverted, known, adaptive = triggers
+    assert purified.summary["asr_after"] == known["asr_after"]
+    assert adaptive["target"] == inverted["target"] == purified.suspected_target
+    # Found against the purified head, the re-inverted trigger beats the one tuned against.
+    assert adaptive["asr_after"] > inverted["asr_after"], triggers
+
+
+def test_without_a_known_trigger_the_summary_is_the_adaptive_check(
+    badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    directory = badnets_lab.directory
+    options = OPTIONS.model_copy(update={"rounds": 0})
+    result = purify(directory, directory / "fewshot.zip", options, out_dir=tmp_path)
+    adaptive = result.report["triggers"][-1]
+    assert adaptive["kind"] == "re-inverted"
+    assert result.summary["asr_after"] == adaptive["asr_after"]
+    unchecked = options.model_copy(update={"adaptive_check": False})
+    result = purify(directory, directory / "fewshot.zip", unchecked, out_dir=tmp_path / "off")
+    assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]
+    assert result.summary["asr_after"] == result.report["triggers"][0]["asr_after"]
+
+
 def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None:
     paths = purified.artifacts
     classes = list(badnets_lab.class_names)
@@ -197,6 +224,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
         "mask_fractions": [result.report["detection"]["mask_fraction"]],
     }
     assert result.summary["ca_after"] == result.summary["ca_before"]
+    assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]  # nothing was tuned
     with safe_open(str(result.artifacts["prompts.safetensors"]), framework="pt") as handle:
         context = handle.get_tensor("context")
     # The context is the init's token embeddings, the same for every class.

@@ -49,6 +49,10 @@ class ArtifactOut(BaseModel):
 
 
 class Summary(BaseModel):
+    """Clean accuracy and attack success before and after. The ASR is that of the first known
+    trigger the job named; without one, of a trigger re-inverted against the purified head
+    (the adaptive check); for a model found clean, of the inverted trigger."""
+
     ca_before: float | None
     ca_after: float | None
     asr_before: float | None

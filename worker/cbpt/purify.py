@@ -56,6 +56,8 @@ from worker.cbpt.tuning import TuningSettings, tune_prompts
 from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
 
 REPORT_SCHEMA_VERSION = 1
+# A trigger the evaluation measures: name, kind, how to apply it, its target, its spec if any.
+_Candidate = tuple[str, str, Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any] | None]
 Stage = Literal["load", "inversion", "tuning", "evaluation", "artifacts"]
 Progress = Callable[[str, float], None]
 ShouldCancel = Callable[[], bool]
@@ -113,6 +115,13 @@ class PurifyOptions(BaseModel):
         default=0.0, ge=0, le=100, description="Weight of stage 1's InfoNCE in re-inversion."
     )
     verdict: VerdictSettings = VerdictSettings()
+    adaptive_check: bool = Field(
+        default=True,
+        description="After tuning, re-invert a trigger once more against the purified head "
+        "(within the mask budget) and report its attack success on the held-out images: what "
+        "an attacker who knows the new prompts still gets, which the triggers tuned against "
+        "understate.",
+    )
     tune_when_clean: bool = Field(
         default=False,
         description="Tune the prompts even when the verdict is clean; by default a model found "
@@ -252,11 +261,12 @@ def purify(
 
         scale = float(model.logit_scale.exp())
         tune = verdict != "clean" or options.tune_when_clean or options.tuning.context_init is None
+        adaptive: Trigger | None = None
         if not tune:
             triggers = [first]
             context, embeddings = _hand_crafted_prompts(model, tokenizer, names, options, device)
         else:
-            triggers, context, embeddings = _tune_in_rounds(
+            triggers, context, embeddings, adaptive = _tune_in_rounds(
                 model,
                 normalizer,
                 tokenizer,
@@ -275,7 +285,7 @@ def purify(
 
     # Measured in float32, as load_purified_classifier deploys the head.
     evaluation = _evaluate(
-        model, normalizer, held_out, hand, embeddings, first, target, known_triggers
+        model, normalizer, held_out, hand, embeddings, target, first, adaptive, known_triggers
     )
     stage_done("evaluation")
 
@@ -338,35 +348,38 @@ def _tune_in_rounds(
     *,
     progress: Progress,
     should_cancel: ShouldCancel,
-) -> tuple[list[Trigger], torch.Tensor, torch.Tensor]:
+) -> tuple[list[Trigger], torch.Tensor, torch.Tensor, Trigger | None]:
     """Tunes on the first trigger, then ``rounds`` times re-inverts a trigger against the
     current prompts (within the mask budget, warm-started from the last one) and re-tunes on
-    every trigger found so far; the triggers, the context and its class embeddings."""
+    every trigger found so far. Returns the triggers, the context, its class embeddings and,
+    with ``adaptive_check``, one more trigger re-inverted against those embeddings."""
     clean_features = encode_images(model, tune_pixels, normalizer)
     triggers = [first]
     triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
     budget = options.mask_budget * first.mask_fraction
     victims = tune_pixels[tune_labels != target]
     embeddings, context = hand, torch.empty(0)
+
+    def reinvert(round_index: int) -> Trigger:
+        return invert_against_head(
+            model,
+            normalizer,
+            victims,
+            embeddings,
+            target,
+            budget,
+            options.inversion,
+            steps=options.round_steps,
+            start=triggers[-1],
+            contrastive_weight=options.round_contrastive_weight,
+            logit_scale=scale,
+            seed=options.seed + round_index,
+            should_cancel=should_cancel,
+        )
+
     for round_index in range(options.rounds + 1):
         if round_index > 0:
-            triggers.append(
-                invert_against_head(
-                    model,
-                    normalizer,
-                    victims,
-                    embeddings,
-                    target,
-                    budget,
-                    options.inversion,
-                    steps=options.round_steps,
-                    start=triggers[-1],
-                    contrastive_weight=options.round_contrastive_weight,
-                    logit_scale=scale,
-                    seed=options.seed + round_index,
-                    should_cancel=should_cancel,
-                )
-            )
+            triggers.append(reinvert(round_index))
         triggered_features.append(
             encode_images(model, tune_pixels, normalizer, transform=triggers[-1].apply)
         )
@@ -385,7 +398,8 @@ def _tune_in_rounds(
             progress=_round_progress(progress, round_index, options.rounds + 1),
         )
         embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
-    return triggers, context, embeddings
+    adaptive = reinvert(options.rounds + 1) if options.adaptive_check else None
+    return triggers, context, embeddings, adaptive
 
 
 @torch.no_grad()
@@ -479,10 +493,14 @@ def _evaluate(
     held_out: ImageSet,
     before: torch.Tensor,
     after: torch.Tensor,
-    inverted: Trigger,
     target: int,
+    inverted: Trigger,
+    adaptive: Trigger | None,
     known: tuple[AttackSpec, ...],
 ) -> dict[str, Any]:
+    """CA, per-class accuracy, and ASR of every trigger before and after. Each trigger's
+    ``kind``: "inverted" (stage 1's, which tuning trained against), "known" (a spec the job
+    named) or "re-inverted" (found against the purified head, the adaptive check)."""
     device = before.device
     labels = held_out.labels
     clean = encode_images(model, held_out.images.to(device), normalizer)
@@ -492,24 +510,27 @@ def _evaluate(
         clean_accuracy(predicted_after, labels),
     )
     triggers = []
-    candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any] | None]]
-    candidates = [("inverted", inverted.apply, target, None)]
+    candidates: list[_Candidate] = [("inverted", "inverted", inverted.apply, target, None)]
     candidates += [
         (
             spec.name,
+            "known",
             spec.apply,
             held_out.class_names.index(spec.target or ""),
             spec.model_dump(mode="json"),
         )
         for spec in known
     ]
-    for name, apply, trigger_target, spec in candidates:
+    if adaptive is not None:
+        candidates.append(("re-inverted", "re-inverted", adaptive.apply, target, None))
+    for name, kind, apply, trigger_target, spec in candidates:
         features = encode_images(model, held_out.images.to(device), normalizer, transform=apply)
         asr_before = attack_success_rate(predictions(features, before), labels, trigger_target)
         asr_after = attack_success_rate(predictions(features, after), labels, trigger_target)
         triggers.append(
             {
                 "name": name,
+                "kind": kind,
                 "target": held_out.class_names[trigger_target],
                 "spec": spec,
                 "asr_before": round(asr_before, 6),
@@ -532,9 +553,13 @@ def _evaluate(
 
 
 def _summary(evaluation: dict[str, Any]) -> dict[str, float | None]:
-    """CA and ASR before and after: ASR of the first known trigger, else of the inverted one."""
-    triggers = evaluation["triggers"]
-    main = triggers[1] if len(triggers) > 1 else triggers[0]
+    """CA and ASR before and after. The ASR is the first known trigger's; without one, the
+    re-inverted trigger's, since the inverted one was tuned against and understates what is
+    left; without that either (a model found clean), the inverted one's."""
+    by_kind: dict[str, dict[str, Any]] = {}
+    for trigger in evaluation["triggers"]:
+        by_kind.setdefault(trigger["kind"], trigger)
+    main = by_kind.get("known") or by_kind.get("re-inverted") or by_kind["inverted"]
     return {
         "ca_before": round(evaluation["ca_before"], 6),
         "ca_after": round(evaluation["ca_after"], 6),
