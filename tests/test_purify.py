@@ -144,6 +144,28 @@ def test_deployable_from_prompts_or_head(purified: PurifyResult, badnets_lab: La
     assert from_head.classes == list(badnets_lab.class_names)
 
 
+def test_views_change_only_what_stage_2_tunes_on(
+    purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    options = OPTIONS.model_copy(update={"tuning": TuningSettings(steps=100, views=3)})
+    directory = badnets_lab.directory
+    result = purify(
+        directory,
+        directory / "fewshot.zip",
+        options,
+        out_dir=tmp_path,
+        evaluation_dataset=directory / "test.zip",
+    )
+    assert result.report["options"]["tuning"]["views"] == 3
+    assert result.report["detection"] == purified.report["detection"]  # stage 1 is untouched
+
+    def head(paths: dict[str, Path]) -> torch.Tensor:
+        with safe_open(str(paths["head.safetensors"]), framework="pt") as handle:
+            return handle.get_tensor("class_embeddings")
+
+    assert not torch.allclose(head(result.artifacts), head(purified.artifacts), atol=1e-4)
+
+
 def test_head_of_another_model_is_refused(purified: PurifyResult, clean_lab: LabModel) -> None:
     with pytest.raises(ValueError, match="belongs to model"):
         load_purified_classifier(clean_lab.directory, purified.artifacts["head.safetensors"])

@@ -53,6 +53,7 @@ from worker.cbpt.prompts import (
 from worker.cbpt.report import render_html
 from worker.cbpt.rounds import invert_against_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
+from worker.cbpt.views import fixed_views
 from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
 
 REPORT_SCHEMA_VERSION = 1
@@ -352,8 +353,16 @@ def _tune_in_rounds(
     """Tunes on the first trigger, then ``rounds`` times re-inverts a trigger against the
     current prompts (within the mask budget, warm-started from the last one) and re-tunes on
     every trigger found so far. Returns the triggers, the context, its class embeddings and,
-    with ``adaptive_check``, one more trigger re-inverted against those embeddings."""
-    clean_features = encode_images(model, tune_pixels, normalizer)
+    with ``adaptive_check``, one more trigger re-inverted against those embeddings.
+
+    Stage 2 caches the features of ``tuning.views`` fixed views of the tuning images, clean and
+    under each trigger; re-inversion works on the images themselves."""
+    viewed = [
+        view(tune_pixels)
+        for view in fixed_views(options.tuning.views, tune_pixels.shape[0], seed=options.seed)
+    ]
+    view_labels = tune_labels.repeat(len(viewed))
+    clean_features = torch.cat([encode_images(model, pixels, normalizer) for pixels in viewed])
     triggers = [first]
     triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
     budget = options.mask_budget * first.mask_fraction
@@ -380,8 +389,11 @@ def _tune_in_rounds(
     for round_index in range(options.rounds + 1):
         if round_index > 0:
             triggers.append(reinvert(round_index))
+        stamp = triggers[-1].apply
         triggered_features.append(
-            encode_images(model, tune_pixels, normalizer, transform=triggers[-1].apply)
+            torch.cat(
+                [encode_images(model, pixels, normalizer, transform=stamp) for pixels in viewed]
+            )
         )
         tuned = tune_prompts(
             model,
@@ -389,9 +401,9 @@ def _tune_in_rounds(
             names,
             hand,
             clean_features,
-            tune_labels,
+            view_labels,
             torch.cat(triggered_features),
-            tune_labels.repeat(len(triggers)),
+            view_labels.repeat(len(triggers)),
             options.tuning,
             seed=options.seed,
             should_cancel=should_cancel,
