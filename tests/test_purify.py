@@ -25,12 +25,11 @@ from worker.cbpt.purify import (
 from worker.cbpt.tuning import TuningSettings
 from worker.lab.make import LabModel
 
+# The shipped inversion, tuning and rounds: a purify of a suite model takes about 5 s with them,
+# and a weaker schedule leaves too little of a cut to tell from the spread between seeds.
 OPTIONS = PurifyOptions(
     seed=0,
     device="cpu",
-    inversion=InversionSettings(steps=150, batch_size=32),
-    tuning=TuningSettings(steps=100),
-    rounds=1,
     tune_when_clean=True,  # what the verdict says of 16 px suite models is not what this tests
 )
 
@@ -55,8 +54,8 @@ def purified(badnets_lab: LabModel, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_purification_lowers_the_real_asr_and_keeps_ca(purified: PurifyResult) -> None:
     # 16 px suite models have universal adversarial patches that the inversion finds as well as
-    # the backdoor, so the cut is partial here (0.92 -> 0.64 measured); the targets are measured
-    # on Fashion-MNIST lab models by bench/efficacy.py.
+    # the backdoor, so the cut varies with the seed (0.92 -> 0.14 measured here, 0.05 to 0.71 over
+    # seeds 0 to 2); the targets are measured on Fashion-MNIST lab models by bench/efficacy.py.
     known = purified.report["triggers"][1]
     assert known["name"] == "badnets"
     assert known["asr_before"] >= 0.8
@@ -147,7 +146,8 @@ def test_deployable_from_prompts_or_head(purified: PurifyResult, badnets_lab: La
 def test_views_change_only_what_stage_2_tunes_on(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    options = OPTIONS.model_copy(update={"tuning": TuningSettings(steps=100, views=3)})
+    views = OPTIONS.tuning.model_copy(update={"views": 3})
+    options = OPTIONS.model_copy(update={"tuning": views})
     directory = badnets_lab.directory
     result = purify(
         directory,
