@@ -11,6 +11,7 @@ from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import (
     InversionSettings,
     Trigger,
+    TriggerShape,
     flip_statistics,
     info_nce,
     invert_trigger,
@@ -95,12 +96,16 @@ def test_flip_statistics_counts_the_other_classes() -> None:
     assert (target, rate) == (1, 1.0)
 
 
-@pytest.mark.parametrize("contrastive_weight", [0.0, 1.0])
+@pytest.mark.parametrize(
+    ("contrastive_weight", "shape", "budget"),
+    [(0.0, "patch", 0.03), (1.0, "patch", 0.03), (0.0, "blend", 0.15)],
+)
 def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
-    badnets_lab: LabModel, contrastive_weight: float
+    badnets_lab: LabModel, contrastive_weight: float, shape: TriggerShape, budget: float
 ) -> None:
     """A round's trigger, warm-started from the last one, must work better against the head
-    than where it started and keep its mask under the budget (a hinge, so up to a little)."""
+    than where it started and keep its mask under the budget (a hinge, so up to a little). A
+    blend has one weight for every pixel."""
     model, normalizer, size = load_lab_model(badnets_lab.directory)
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
@@ -116,7 +121,6 @@ def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
         features = encode_images(model, victims, normalizer, transform=trigger.apply)
         return float(((features @ head.T).argmax(dim=1) == target).float().mean())
 
-    budget = 0.03
     trigger = invert_against_head(
         model,
         normalizer,
@@ -128,8 +132,11 @@ def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
         steps=60,
         start=start,
         contrastive_weight=contrastive_weight,
+        shape=shape,
         logit_scale=float(model.logit_scale.exp()),
         seed=0,
     )
+    assert trigger.mask.shape == (size, size)
     assert trigger.mask_fraction <= budget * 1.1
+    assert (float(trigger.mask.max() - trigger.mask.min()) < 1e-6) == (shape == "blend")
     assert sent_to_target(trigger) > sent_to_target(start) + 0.2

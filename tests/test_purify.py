@@ -166,6 +166,31 @@ def test_views_change_only_what_stage_2_tunes_on(
     assert not torch.allclose(head(result.artifacts), head(purified.artifacts), atol=1e-4)
 
 
+def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
+    purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    options = OPTIONS.model_copy(update={"blend_budget": 0.1})
+    directory = badnets_lab.directory
+    result = purify(
+        directory,
+        directory / "fewshot.zip",
+        options,
+        out_dir=tmp_path,
+        evaluation_dataset=directory / "test.zip",
+    )
+    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    assert rounds["shapes"] == ["patch", "patch", "blend", "patch", "blend"]
+    assert plain["shapes"] == ["patch", "patch", "patch"]
+    assert rounds["count"] == 4
+    blends = [
+        f for f, s in zip(rounds["mask_fractions"], rounds["shapes"], strict=True) if s == "blend"
+    ]
+    assert all(0 < fraction <= 0.1 * 1.1 for fraction in blends)
+    # The patch rounds see another head, so they differ too; the first trigger does not.
+    assert rounds["mask_fractions"][0] == plain["mask_fractions"][0]
+    assert result.report["detection"] == purified.report["detection"]
+
+
 def test_head_of_another_model_is_refused(purified: PurifyResult, clean_lab: LabModel) -> None:
     with pytest.raises(ValueError, match="belongs to model"):
         load_purified_classifier(clean_lab.directory, purified.artifacts["head.safetensors"])
@@ -244,6 +269,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
         "count": 0,
         "tuned": False,
         "mask_fractions": [result.report["detection"]["mask_fraction"]],
+        "shapes": ["patch"],
     }
     assert result.summary["ca_after"] == result.summary["ca_before"]
     assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]  # nothing was tuned

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.cbpt.zeroshot import Normalizer, encode_images
+
+TriggerShape = Literal["patch", "blend"]
 
 
 class CancelledError(InterruptedError):
@@ -64,7 +67,12 @@ class Trigger:
 
 
 class TriggerParameters:
-    """Mask and pattern in sigmoid space with their optimiser: what every inversion fits."""
+    """Mask and pattern in sigmoid space with their optimiser: what every inversion fits.
+
+    A ``patch`` mask has one value per pixel. A ``blend`` mask has one value for the whole image,
+    ``(1 - a) * x + a * p``: the shape of triggers spread over every pixel (Blended, SIG, and
+    roughly WaNet), which a per-pixel mask fitted under a small budget imitates poorly.
+    """
 
     def __init__(self, mask_logit: torch.Tensor, pattern_logit: torch.Tensor, lr: float) -> None:
         self.mask_logit = mask_logit.detach().clone().requires_grad_(True)
@@ -75,18 +83,28 @@ class TriggerParameters:
 
     @classmethod
     def random(
-        cls, height: int, width: int, generator: torch.Generator, device: torch.device, lr: float
+        cls,
+        height: int,
+        width: int,
+        generator: torch.Generator,
+        device: torch.device,
+        lr: float,
+        shape: TriggerShape = "patch",
     ) -> TriggerParameters:
         # A faint start (sigmoid(-3) ~ 5%) lets the mask grow where the loss wants it.
-        mask_logit = torch.randn(height, width, generator=generator) * 0.1 - 3
+        mask_size = (height, width) if shape == "patch" else (1, 1)
+        mask_logit = torch.randn(*mask_size, generator=generator) * 0.1 - 3
         pattern_logit = torch.randn(3, height, width, generator=generator)
         return cls(mask_logit.to(device), pattern_logit.to(device), lr)
 
     @classmethod
-    def starting_from(cls, trigger: Trigger, device: torch.device, lr: float) -> TriggerParameters:
+    def starting_from(
+        cls, trigger: Trigger, device: torch.device, lr: float, shape: TriggerShape = "patch"
+    ) -> TriggerParameters:
         """Parameters that begin where ``trigger`` is: a warm start for re-inversion, which
         then needs a fraction of the steps of one from scratch."""
-        mask_logit = torch.logit(trigger.mask.clamp(1e-4, 1 - 1e-4))
+        mask = trigger.mask if shape == "patch" else trigger.mask.mean().reshape(1, 1)
+        mask_logit = torch.logit(mask.clamp(1e-4, 1 - 1e-4))
         pattern_logit = torch.logit(trigger.pattern.clamp(1e-4, 1 - 1e-4))
         return cls(mask_logit.to(device), pattern_logit.to(device), lr)
 
@@ -101,10 +119,10 @@ class TriggerParameters:
         self.optimizer.step()
 
     def trigger(self) -> Trigger:
-        return Trigger(
-            torch.sigmoid(self.mask_logit).detach().cpu(),
-            torch.sigmoid(self.pattern_logit).detach().cpu(),
-        )
+        """The fitted trigger, its mask always ``(H, W)``: a blend is stored like any other."""
+        pattern = torch.sigmoid(self.pattern_logit).detach().cpu()
+        mask = torch.sigmoid(self.mask_logit).detach().cpu().expand(pattern.shape[-2:])
+        return Trigger(mask.contiguous(), pattern)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from worker.cbpt.inversion import (
     CancelledError,
     InversionSettings,
     Trigger,
+    TriggerShape,
     flip_statistics,
     invert_trigger,
 )
@@ -114,6 +115,15 @@ class PurifyOptions(BaseModel):
     )
     round_contrastive_weight: float = Field(
         default=0.0, ge=0, le=100, description="Weight of stage 1's InfoNCE in re-inversion."
+    )
+    blend_budget: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="When above 0, each round also re-inverts a blend trigger, (1 - a) * x + "
+        "a * p with one weight a <= blend_budget for the whole image, and tunes against it too: "
+        "the shape of triggers spread over every pixel, which a small per-pixel mask imitates "
+        "poorly. Each costs one more re-inversion of round_steps.",
     )
     verdict: VerdictSettings = VerdictSettings()
     adaptive_check: bool = Field(
@@ -319,6 +329,7 @@ def purify(
             "count": len(triggers) - 1,
             "tuned": tune,
             "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
+            "shapes": ["patch", *(list(_round_shapes(options)) * options.rounds if tune else [])],
         },
         "model_sha256": loaded.sha256,
         "options": options.model_dump(mode="json"),
@@ -352,8 +363,10 @@ def _tune_in_rounds(
 ) -> tuple[list[Trigger], torch.Tensor, torch.Tensor, Trigger | None]:
     """Tunes on the first trigger, then ``rounds`` times re-inverts a trigger against the
     current prompts (within the mask budget, warm-started from the last one) and re-tunes on
-    every trigger found so far. Returns the triggers, the context, its class embeddings and,
-    with ``adaptive_check``, one more trigger re-inverted against those embeddings.
+    every trigger found so far. With ``blend_budget``, each round re-inverts a blend trigger as
+    well, warm-started from the last blend. Returns the triggers, the context, its class
+    embeddings and, with ``adaptive_check``, one more (patch) trigger re-inverted against those
+    embeddings.
 
     Stage 2 caches the features of ``tuning.views`` fixed views of the tuning images, clean and
     under each trigger; re-inversion works on the images themselves."""
@@ -368,33 +381,42 @@ def _tune_in_rounds(
     budget = options.mask_budget * first.mask_fraction
     victims = tune_pixels[tune_labels != target]
     embeddings, context = hand, torch.empty(0)
+    last: dict[TriggerShape, Trigger | None] = {"patch": first, "blend": None}
 
-    def reinvert(round_index: int) -> Trigger:
+    def reinvert(round_index: int, shape: TriggerShape = "patch") -> Trigger:
         return invert_against_head(
             model,
             normalizer,
             victims,
             embeddings,
             target,
-            budget,
+            budget if shape == "patch" else options.blend_budget,
             options.inversion,
             steps=options.round_steps,
-            start=triggers[-1],
+            start=last[shape],
             contrastive_weight=options.round_contrastive_weight,
+            shape=shape,
             logit_scale=scale,
-            seed=options.seed + round_index,
+            seed=options.seed + round_index + (0 if shape == "patch" else 7919),
             should_cancel=should_cancel,
         )
 
+    shapes = _round_shapes(options)
     for round_index in range(options.rounds + 1):
+        found = [first]
         if round_index > 0:
-            triggers.append(reinvert(round_index))
-        stamp = triggers[-1].apply
-        triggered_features.append(
-            torch.cat(
-                [encode_images(model, pixels, normalizer, transform=stamp) for pixels in viewed]
+            found = [reinvert(round_index, shape) for shape in shapes]
+            triggers.extend(found)
+            last.update(zip(shapes, found, strict=True))
+        for trigger in found:
+            triggered_features.append(
+                torch.cat(
+                    [
+                        encode_images(model, pixels, normalizer, transform=trigger.apply)
+                        for pixels in viewed
+                    ]
+                )
             )
-        )
         tuned = tune_prompts(
             model,
             tokenizer,
@@ -412,6 +434,11 @@ def _tune_in_rounds(
         embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
     adaptive = reinvert(options.rounds + 1) if options.adaptive_check else None
     return triggers, context, embeddings, adaptive
+
+
+def _round_shapes(options: PurifyOptions) -> tuple[TriggerShape, ...]:
+    """The triggers each round re-inverts, in order."""
+    return ("patch", "blend") if options.blend_budget else ("patch",)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from worker.cbpt.inversion import (
     InversionSettings,
     Trigger,
     TriggerParameters,
+    TriggerShape,
     info_nce,
 )
 from worker.cbpt.zeroshot import Normalizer, encode_images
@@ -37,6 +38,7 @@ def invert_against_head(
     steps: int,
     start: Trigger | None,
     contrastive_weight: float = 0.0,
+    shape: TriggerShape = "patch",
     logit_scale: float,
     seed: int,
     progress: Callable[[float], None] | None = None,
@@ -47,15 +49,17 @@ def invert_against_head(
     The mask's mean is held under ``mask_budget`` by a hinge penalty; within it, a small L1 term
     keeps it as small as the attack allows. ``start`` (the last round's trigger) warm-starts it.
     ``contrastive_weight`` adds stage 1's InfoNCE, so that the trigger keeps making images
-    alike (what a backdoor does) rather than only fooling this head.
+    alike (what a backdoor does) rather than only fooling this head. ``shape`` picks a per-pixel
+    mask or one blend weight for the whole image (``TriggerParameters``); the budget holds
+    either's mean.
     """
     generator = torch.Generator().manual_seed(seed)
     device = images.device
     height, width = images.shape[-2:]
     if start is None:
-        parameters = TriggerParameters.random(height, width, generator, device, settings.lr)
+        parameters = TriggerParameters.random(height, width, generator, device, settings.lr, shape)
     else:
-        parameters = TriggerParameters.starting_from(start, device, settings.lr)
+        parameters = TriggerParameters.starting_from(start, device, settings.lr, shape)
     batch = min(settings.batch_size, images.shape[0])
     targets = torch.full((batch,), target, dtype=torch.int64, device=device)
     clean = encode_images(model, images, normalizer) if contrastive_weight else None
