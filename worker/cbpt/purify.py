@@ -125,7 +125,7 @@ class PurifyOptions(BaseModel):
         "the shape of triggers spread over every pixel, which a small per-pixel mask imitates "
         "poorly. Each costs one more re-inversion of round_steps. Measured at 0.1 on the lab "
         "(seed 0): ASR after 0.23 -> 0.17 on Blended, 0.22 -> 0.20 on SIG, 0.42 -> 0.32 on "
-        "WaNet, but 0.007 -> 0.045 on BadNets; 0.2 is worse on all (docs/engine.md).",
+        "WaNet, but 0.007 -> 0.045 on BadNets; 0.2 is worse on Blended and SIG (docs/engine.md).",
     )
     verdict: VerdictSettings = VerdictSettings()
     adaptive_check: bool = Field(
