@@ -34,6 +34,18 @@ OPTIONS = PurifyOptions(
 )
 
 
+def _purify_lab(lab: LabModel, options: PurifyOptions, out_dir: Path) -> PurifyResult:
+    """A purify of the lab model's shots, measured on its test set, with no known trigger."""
+    directory = lab.directory
+    return purify(
+        directory,
+        directory / "fewshot.zip",
+        options,
+        out_dir=out_dir,
+        evaluation_dataset=directory / "test.zip",
+    )
+
+
 @pytest.fixture(scope="module")
 def purified(badnets_lab: LabModel, tmp_path_factory: pytest.TempPathFactory) -> PurifyResult:
     directory = badnets_lab.directory
@@ -148,14 +160,7 @@ def test_views_change_only_what_stage_2_tunes_on(
 ) -> None:
     views = OPTIONS.tuning.model_copy(update={"views": 3})
     options = OPTIONS.model_copy(update={"tuning": views})
-    directory = badnets_lab.directory
-    result = purify(
-        directory,
-        directory / "fewshot.zip",
-        options,
-        out_dir=tmp_path,
-        evaluation_dataset=directory / "test.zip",
-    )
+    result = _purify_lab(badnets_lab, options, tmp_path)
     assert result.report["options"]["tuning"]["views"] == 3
     assert result.report["detection"] == purified.report["detection"]  # stage 1 is untouched
 
@@ -170,14 +175,7 @@ def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     options = OPTIONS.model_copy(update={"blend_budget": 0.1})
-    directory = badnets_lab.directory
-    result = purify(
-        directory,
-        directory / "fewshot.zip",
-        options,
-        out_dir=tmp_path,
-        evaluation_dataset=directory / "test.zip",
-    )
+    result = _purify_lab(badnets_lab, options, tmp_path)
     rounds, plain = result.report["rounds"], purified.report["rounds"]
     assert rounds["shapes"] == ["patch", "patch", "blend", "patch", "blend"]
     assert plain["shapes"] == ["patch", "patch", "patch"]
@@ -256,14 +254,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
 ) -> None:
     never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
     options = OPTIONS.model_copy(update={"verdict": never, "tune_when_clean": False})
-    directory = badnets_lab.directory
-    result = purify(
-        directory,
-        directory / "fewshot.zip",
-        options,
-        out_dir=tmp_path,
-        evaluation_dataset=directory / "test.zip",
-    )
+    result = _purify_lab(badnets_lab, options, tmp_path)
     assert result.verdict == "clean"
     assert result.report["rounds"] == {
         "count": 0,
