@@ -35,14 +35,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec, parse_attack
+from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec
 from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.purify import PurifyOptions, purify
+from worker.cbpt.purify import PurifyOptions
 from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.datasets import default_dataset
+from worker.lab.defend import purify_lab
+from worker.lab.evaluate import lab_attack
 from worker.lab.make import LabSettings, default_attack, make_lab_model
 
 
@@ -80,25 +82,13 @@ def main() -> int:
             make_lab_model(
                 None if name == "clean" else name, folder, settings, cache_dir=args.cache
             )
-        spec_file = folder / "attack.json"
-        known = (
-            parse_attack(spec_file.read_bytes())
-            if spec_file.is_file()
-            else default_attack("badnets", settings, _classes(folder))
-        )
+        known = lab_attack(folder) or default_attack("badnets", settings, _classes(folder))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for defence in ("cbpt",) if args.cbpt_only else ("coop", "cbpt"):
                 options = _options(defence, seed, args.rounds, overrides)
                 started = time.perf_counter()
                 with tempfile.TemporaryDirectory() as scratch:
-                    result = purify(
-                        folder,
-                        folder / "fewshot.zip",
-                        options,
-                        out_dir=Path(scratch),
-                        known_triggers=(known,),
-                        evaluation_dataset=folder / "test.zip",
-                    )
+                    result = purify_lab(folder, options, Path(scratch), known_triggers=(known,))
                 seconds = time.perf_counter() - started
                 summary = result.summary
                 rows.append(

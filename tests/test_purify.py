@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from worker.cbpt.attacks import parse_attack
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import InversionSettings
@@ -23,6 +22,7 @@ from worker.cbpt.purify import (
     verdict_of,
 )
 from worker.cbpt.tuning import TuningSettings
+from worker.lab.defend import purify_lab
 from worker.lab.make import LabModel
 
 # The shipped inversion, tuning and rounds: a purify of a suite model takes about 5 s with them,
@@ -34,29 +34,13 @@ OPTIONS = PurifyOptions(
 )
 
 
-def _purify_lab(lab: LabModel, options: PurifyOptions, out_dir: Path) -> PurifyResult:
-    """A purify of the lab model's shots, measured on its test set, with no known trigger."""
-    directory = lab.directory
-    return purify(
-        directory,
-        directory / "fewshot.zip",
-        options,
-        out_dir=out_dir,
-        evaluation_dataset=directory / "test.zip",
-    )
-
-
 @pytest.fixture(scope="module")
 def purified(badnets_lab: LabModel, tmp_path_factory: pytest.TempPathFactory) -> PurifyResult:
-    directory = badnets_lab.directory
     stages: list[str] = []
-    result = purify(
-        directory,
-        directory / "fewshot.zip",
+    result = purify_lab(
+        badnets_lab.directory,
         OPTIONS,
-        out_dir=tmp_path_factory.mktemp("purified"),
-        known_triggers=(parse_attack((directory / "attack.json").read_bytes()),),
-        evaluation_dataset=directory / "test.zip",
+        tmp_path_factory.mktemp("purified"),
         progress=lambda stage, fraction: stages.append(stage),
     )
     assert stages[0] == "load"
@@ -160,7 +144,7 @@ def test_views_change_only_what_stage_2_tunes_on(
 ) -> None:
     views = OPTIONS.tuning.model_copy(update={"views": 3})
     options = OPTIONS.model_copy(update={"tuning": views})
-    result = _purify_lab(badnets_lab, options, tmp_path)
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     assert result.report["options"]["tuning"]["views"] == 3
     assert result.report["detection"] == purified.report["detection"]  # stage 1 is untouched
 
@@ -175,7 +159,7 @@ def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     options = OPTIONS.model_copy(update={"blend_budget": 0.1})
-    result = _purify_lab(badnets_lab, options, tmp_path)
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     rounds, plain = result.report["rounds"], purified.report["rounds"]
     assert rounds["shapes"] == ["patch", "patch", "blend", "patch", "blend"]
     assert plain["shapes"] == ["patch", "patch", "patch"]
@@ -254,7 +238,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
 ) -> None:
     never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
     options = OPTIONS.model_copy(update={"verdict": never, "tune_when_clean": False})
-    result = _purify_lab(badnets_lab, options, tmp_path)
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     assert result.verdict == "clean"
     assert result.report["rounds"] == {
         "count": 0,

@@ -23,13 +23,13 @@ from worker.cbpt.attacks import (
     OptimizedPatch,
     WaNet,
     encode_pattern_png,
-    parse_attack,
 )
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import InversionSettings
-from worker.cbpt.purify import PurifyOptions, PurifyResult, purify
+from worker.cbpt.purify import PurifyOptions, PurifyResult
 from worker.cbpt.tuning import TuningSettings
+from worker.lab.defend import purify_lab
 from worker.lab.make import LabModel, LabSettings, make_lab_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -66,20 +66,8 @@ def badnets_lab(tmp_path_factory: pytest.TempPathFactory) -> LabModel:
     return make_lab_model("badnets", root / "badnets", LabSettings.tiny(), cache_dir=root / "cache")
 
 
-def _purify(lab: LabModel, options: PurifyOptions, out: Path) -> PurifyResult:
-    directory = lab.directory
-    return purify(
-        directory,
-        directory / "fewshot.zip",
-        options,
-        out_dir=out,
-        known_triggers=(parse_attack((directory / "attack.json").read_bytes()),),
-        evaluation_dataset=directory / "test.zip",
-    )
-
-
 def test_a_bf16_job_on_cuda_purifies_and_deploys(badnets_lab: LabModel, tmp_path: Path) -> None:
-    result = _purify(badnets_lab, QUICK, tmp_path)
+    result = purify_lab(badnets_lab.directory, QUICK, tmp_path)
     assert result.report["runtime"] == {"device": "cuda", "precision": "bf16"}
     known = result.report["triggers"][1]
     assert known["asr_after"] <= 0.8 * known["asr_before"], known
@@ -104,8 +92,9 @@ def test_zero_shot_accuracy_on_cuda_in_fp32_is_the_cpu_one(
     """Before any tuning, the same model scores the same held-out images alike on both."""
     short = {"inversion": InversionSettings(steps=5, batch_size=32), "rounds": 0}
     on_gpu = QUICK.model_copy(update={**short, "precision": "fp32"})
-    gpu = _purify(badnets_lab, on_gpu, tmp_path / "gpu")
-    cpu = _purify(badnets_lab, on_gpu.model_copy(update={"device": "cpu"}), tmp_path / "cpu")
+    on_cpu = on_gpu.model_copy(update={"device": "cpu"})
+    gpu = purify_lab(badnets_lab.directory, on_gpu, tmp_path / "gpu")
+    cpu = purify_lab(badnets_lab.directory, on_cpu, tmp_path / "cpu")
     assert gpu.report["runtime"] == {"device": "cuda", "precision": "fp32"}
     assert abs(gpu.summary["ca_before"] - cpu.summary["ca_before"]) <= 0.005  # type: ignore[operator]
 

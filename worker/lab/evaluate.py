@@ -19,6 +19,12 @@ from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings
 from worker.lab.export import CONFIG_FILE
 
 
+def lab_attack(directory: Path) -> AttackSpec | None:
+    """The attack implanted in the lab folder (its ``attack.json``), or None for a clean one."""
+    spec_file = directory / "attack.json"
+    return parse_attack(spec_file.read_bytes()) if spec_file.is_file() else None
+
+
 @dataclass(frozen=True)
 class LabEvaluation:
     ca: float
@@ -56,8 +62,7 @@ def evaluate_lab_dir(
     """
     model, normalizer, size = load_lab_model(directory)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{directory}")
-    if attack is None and (directory / "attack.json").is_file():
-        attack = parse_attack((directory / "attack.json").read_bytes())
+    attack = attack or lab_attack(directory)
     test = read_image_set(test_archive or directory / "test.zip", size)
     weights = class_embeddings(model, tokenizer, test.class_names, DEFAULT_TEMPLATES)
     with torch.inference_mode():
