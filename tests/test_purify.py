@@ -19,6 +19,7 @@ from worker.cbpt.purify import (
     VerdictSettings,
     backdoor_score,
     purify,
+    trigger_shapes,
     verdict_of,
 )
 from worker.cbpt.tuning import TuningSettings
@@ -171,6 +172,22 @@ def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     # The patch rounds see another head, so they differ too; the first trigger does not.
     assert rounds["mask_fractions"][0] == plain["mask_fractions"][0]
     assert result.report["detection"] == purified.report["detection"]
+
+
+def test_blends_can_wait_for_the_patch_rounds(
+    purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    options = OPTIONS.model_copy(update={"blend_budget": 0.1, "blend_from_round": 2})
+    assert trigger_shapes(options) == ["patch", "patch", "patch", "blend"]
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
+    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    assert rounds["shapes"] == trigger_shapes(options)
+    # Round 1 is the plain run's round 1: the same head and seed re-invert the same patch.
+    assert rounds["mask_fractions"][:2] == plain["mask_fractions"][:2]
+    assert 0 < rounds["mask_fractions"][3] <= 0.1 * 1.1
+    # Past the rounds there are no blends to wait for: every round re-inverts a patch alone.
+    late = options.model_copy(update={"blend_from_round": options.rounds + 1})
+    assert trigger_shapes(late) == trigger_shapes(OPTIONS)
 
 
 def test_head_of_another_model_is_refused(purified: PurifyResult, clean_lab: LabModel) -> None:

@@ -127,6 +127,14 @@ class PurifyOptions(BaseModel):
         "(seed 0): ASR after 0.23 -> 0.17 on Blended, 0.22 -> 0.20 on SIG, 0.42 -> 0.32 on "
         "WaNet, but 0.007 -> 0.045 on BadNets; 0.2 is worse on Blended and SIG (docs/engine.md).",
     )
+    blend_from_round: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="The first round that re-inverts a blend trigger (with blend_budget above "
+        "0); the rounds before it re-invert patches alone, so that a patch backdoor is chased "
+        "by patches first, before blends take their share of stage 2's triggered loss.",
+    )
     verdict: VerdictSettings = VerdictSettings()
     adaptive_check: bool = Field(
         default=True,
@@ -331,7 +339,7 @@ def purify(
             "count": len(triggers) - 1,
             "tuned": tune,
             "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
-            "shapes": ["patch", *(list(_round_shapes(options)) * options.rounds if tune else [])],
+            "shapes": trigger_shapes(options) if tune else ["patch"],
         },
         "model_sha256": loaded.sha256,
         "options": options.model_dump(mode="json"),
@@ -403,10 +411,10 @@ def _tune_in_rounds(
             should_cancel=should_cancel,
         )
 
-    shapes = _round_shapes(options)
     for round_index in range(options.rounds + 1):
         found = [first]
         if round_index > 0:
+            shapes = _round_shapes(options, round_index)
             found = [reinvert(round_index, shape) for shape in shapes]
             triggers.extend(found)
             last.update(zip(shapes, found, strict=True))
@@ -438,9 +446,20 @@ def _tune_in_rounds(
     return triggers, context, embeddings, adaptive
 
 
-def _round_shapes(options: PurifyOptions) -> tuple[TriggerShape, ...]:
-    """The triggers each round re-inverts, in order."""
-    return ("patch", "blend") if options.blend_budget else ("patch",)
+def _round_shapes(options: PurifyOptions, round_index: int) -> tuple[TriggerShape, ...]:
+    """The triggers round ``round_index`` (from 1) re-inverts, in order."""
+    if options.blend_budget and round_index >= options.blend_from_round:
+        return ("patch", "blend")
+    return ("patch",)
+
+
+def trigger_shapes(options: PurifyOptions) -> list[TriggerShape]:
+    """The shape of every trigger stage 2 tunes against when it tunes: stage 1's, then each
+    round's, in the order ``report.json`` lists them under ``rounds``."""
+    shapes: list[TriggerShape] = ["patch"]
+    for round_index in range(1, options.rounds + 1):
+        shapes.extend(_round_shapes(options, round_index))
+    return shapes
 
 
 @torch.no_grad()
