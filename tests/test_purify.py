@@ -190,6 +190,20 @@ def test_blends_can_wait_for_the_patch_rounds(
     assert trigger_shapes(late) == trigger_shapes(OPTIONS)
 
 
+def test_restarts_keep_the_strongest_re_inversion(
+    purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    options = OPTIONS.model_copy(update={"round_restarts": 3})
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
+    rates, plain = result.report["rounds"]["success_rates"], purified.report["rounds"]
+    assert len(rates) == len(plain["success_rates"]) == len(plain["mask_fractions"])
+    assert all(0 <= rate <= 1 for rate in rates)
+    # Stage 1 and the first tuning are the plain run's; round 1 sees the same head, and the
+    # warm start the plain run kept is among its candidates, so it is at least as strong.
+    assert rates[0] == plain["success_rates"][0] == purified.report["detection"]["flip_rate"]
+    assert rates[1] >= plain["success_rates"][1]
+
+
 def test_head_of_another_model_is_refused(purified: PurifyResult, clean_lab: LabModel) -> None:
     with pytest.raises(ValueError, match="belongs to model"):
         load_purified_classifier(clean_lab.directory, purified.artifacts["head.safetensors"])
@@ -262,6 +276,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
         "tuned": False,
         "mask_fractions": [result.report["detection"]["mask_fraction"]],
         "shapes": ["patch"],
+        "success_rates": [result.report["detection"]["flip_rate"]],
     }
     assert result.summary["ca_after"] == result.summary["ca_before"]
     assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]  # nothing was tuned

@@ -52,7 +52,7 @@ from worker.cbpt.prompts import (
     prompt_tokens,
 )
 from worker.cbpt.report import render_html
-from worker.cbpt.rounds import invert_against_head
+from worker.cbpt.rounds import invert_against_head, success_under_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
 from worker.cbpt.views import fixed_views
 from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
@@ -134,6 +134,14 @@ class PurifyOptions(BaseModel):
         description="The first round that re-inverts a blend trigger (with blend_budget above "
         "0); the rounds before it re-invert patches alone, so that a patch backdoor is chased "
         "by patches first, before blends take their share of stage 2's triggered loss.",
+    )
+    round_restarts: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Re-inversions per trigger each round: the first starts from the last "
+        "trigger, the others from random ones; the one that sends the most tuning images to "
+        "the suspected target under the current head is kept. Each costs round_steps more.",
     )
     verdict: VerdictSettings = VerdictSettings()
     adaptive_check: bool = Field(
@@ -282,12 +290,11 @@ def purify(
 
         scale = float(model.logit_scale.exp())
         tune = verdict != "clean" or options.tune_when_clean or options.tuning.context_init is None
-        adaptive: Trigger | None = None
         if not tune:
-            triggers = [first]
             context, embeddings = _hand_crafted_prompts(model, tokenizer, names, options, device)
+            rounds = _Rounds([first], [tune_flip], context, embeddings, adaptive=None)
         else:
-            triggers, context, embeddings, adaptive = _tune_in_rounds(
+            rounds = _tune_in_rounds(
                 model,
                 normalizer,
                 tokenizer,
@@ -296,17 +303,27 @@ def purify(
                 tune_pixels,
                 tune_labels,
                 first,
+                tune_flip,
                 target,
                 scale,
                 options,
                 progress=report,
                 should_cancel=cancelled,
             )
+        triggers, context, embeddings = rounds.triggers, rounds.context, rounds.embeddings
         stage_done("tuning")
 
     # Measured in float32, as load_purified_classifier deploys the head.
     evaluation = _evaluate(
-        model, normalizer, held_out, hand, embeddings, target, first, adaptive, known_triggers
+        model,
+        normalizer,
+        held_out,
+        hand,
+        embeddings,
+        target,
+        first,
+        rounds.adaptive,
+        known_triggers,
     )
     stage_done("evaluation")
 
@@ -340,6 +357,7 @@ def purify(
             "tuned": tune,
             "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
             "shapes": trigger_shapes(options) if tune else ["patch"],
+            "success_rates": [round(rate, 6) for rate in rounds.success_rates],
         },
         "model_sha256": loaded.sha256,
         "options": options.model_dump(mode="json"),
@@ -355,6 +373,19 @@ def purify(
     return PurifyResult(verdict, names[target], summary, report_data, written)
 
 
+@dataclass(frozen=True)
+class _Rounds:
+    """What stage 2 leaves: every trigger tuned against, in order, with the share of tuning
+    images each sent to the target under the head it was found against (the hand-crafted one
+    for stage 1's), the context and its class embeddings, and the adaptive check's trigger."""
+
+    triggers: list[Trigger]
+    success_rates: list[float]
+    context: torch.Tensor
+    embeddings: torch.Tensor
+    adaptive: Trigger | None
+
+
 def _tune_in_rounds(
     model: open_clip.CLIP,
     normalizer: Normalizer,
@@ -364,19 +395,20 @@ def _tune_in_rounds(
     tune_pixels: torch.Tensor,
     tune_labels: torch.Tensor,
     first: Trigger,
+    first_success: float,
     target: int,
     scale: float,
     options: PurifyOptions,
     *,
     progress: Progress,
     should_cancel: ShouldCancel,
-) -> tuple[list[Trigger], torch.Tensor, torch.Tensor, Trigger | None]:
+) -> _Rounds:
     """Tunes on the first trigger, then ``rounds`` times re-inverts a trigger against the
-    current prompts (within the mask budget, warm-started from the last one) and re-tunes on
-    every trigger found so far. With ``blend_budget``, each round re-inverts a blend trigger as
-    well, warm-started from the last blend. Returns the triggers, the context, its class
-    embeddings and, with ``adaptive_check``, one more (patch) trigger re-inverted against those
-    embeddings.
+    current prompts (within the mask budget, warm-started from the last one, the strongest of
+    ``round_restarts``) and re-tunes on every trigger found so far. With ``blend_budget``, the
+    rounds from ``blend_from_round`` re-invert a blend trigger as well, warm-started from the
+    last blend. With ``adaptive_check``, one more (patch) trigger is re-inverted against the
+    final embeddings.
 
     Stage 2 caches the features of ``tuning.views`` fixed views of the tuning images, clean and
     under each trigger; re-inversion works on the images themselves."""
@@ -386,37 +418,48 @@ def _tune_in_rounds(
     ]
     view_labels = tune_labels.repeat(len(viewed))
     clean_features = torch.cat([encode_images(model, pixels, normalizer) for pixels in viewed])
-    triggers = [first]
+    triggers, success_rates = [first], [first_success]
     triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
     budget = options.mask_budget * first.mask_fraction
     victims = tune_pixels[tune_labels != target]
     embeddings, context = hand, torch.empty(0)
     last: dict[TriggerShape, Trigger | None] = {"patch": first, "blend": None}
 
-    def reinvert(round_index: int, shape: TriggerShape = "patch") -> Trigger:
-        return invert_against_head(
-            model,
-            normalizer,
-            victims,
-            embeddings,
-            target,
-            budget if shape == "patch" else options.blend_budget,
-            options.inversion,
-            steps=options.round_steps,
-            start=last[shape],
-            contrastive_weight=options.round_contrastive_weight,
-            shape=shape,
-            logit_scale=scale,
-            seed=options.seed + round_index + (0 if shape == "patch" else 7919),
-            should_cancel=should_cancel,
-        )
+    def reinvert(round_index: int, shape: TriggerShape = "patch") -> tuple[Trigger, float]:
+        candidates = [
+            invert_against_head(
+                model,
+                normalizer,
+                victims,
+                embeddings,
+                target,
+                budget if shape == "patch" else options.blend_budget,
+                options.inversion,
+                steps=options.round_steps,
+                start=last[shape] if restart == 0 else None,
+                contrastive_weight=options.round_contrastive_weight,
+                shape=shape,
+                logit_scale=scale,
+                seed=_round_seed(options.seed, round_index, shape, restart),
+                should_cancel=should_cancel,
+            )
+            for restart in range(options.round_restarts)
+        ]
+        rates = [
+            success_under_head(model, normalizer, victims, embeddings, target, trigger)
+            for trigger in candidates
+        ]
+        best = rates.index(max(rates))  # the first of equals: the warm start
+        return candidates[best], rates[best]
 
     for round_index in range(options.rounds + 1):
         found = [first]
         if round_index > 0:
             shapes = _round_shapes(options, round_index)
-            found = [reinvert(round_index, shape) for shape in shapes]
+            found_and_rates = [reinvert(round_index, shape) for shape in shapes]
+            found = [trigger for trigger, _ in found_and_rates]
             triggers.extend(found)
+            success_rates.extend(rate for _, rate in found_and_rates)
             last.update(zip(shapes, found, strict=True))
         for trigger in found:
             triggered_features.append(
@@ -442,8 +485,13 @@ def _tune_in_rounds(
             progress=_round_progress(progress, round_index, options.rounds + 1),
         )
         embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
-    adaptive = reinvert(options.rounds + 1) if options.adaptive_check else None
-    return triggers, context, embeddings, adaptive
+    adaptive = reinvert(options.rounds + 1)[0] if options.adaptive_check else None
+    return _Rounds(triggers, success_rates, context, embeddings, adaptive)
+
+
+def _round_seed(seed: int, round_index: int, shape: TriggerShape, restart: int) -> int:
+    """Each re-inversion's own seed; restart 0 keeps the seed runs had before restarts."""
+    return seed + round_index + (0 if shape == "patch" else 7919) + 104_729 * restart
 
 
 def _round_shapes(options: PurifyOptions, round_index: int) -> tuple[TriggerShape, ...]:

@@ -23,6 +23,7 @@ from worker.cbpt.inversion import (
     TriggerShape,
     info_nce,
 )
+from worker.cbpt.metrics import attack_success_rate, predictions
 from worker.cbpt.zeroshot import Normalizer, encode_images
 
 
@@ -82,3 +83,19 @@ def invert_against_head(
         if progress is not None:
             progress((step + 1) / steps)
     return parameters.trigger()
+
+
+@torch.no_grad()
+def success_under_head(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    images: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    target: int,
+    trigger: Trigger,
+) -> float:
+    """Share of ``images`` (none of the target class) that ``trigger`` sends to ``target``
+    under the head: what picks the strongest of a round's restarts."""
+    features = encode_images(model, images, normalizer, transform=trigger.apply)
+    labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    return attack_success_rate(predictions(features, class_embeddings), labels, target)
