@@ -133,7 +133,9 @@ class PurifyOptions(BaseModel):
         le=10,
         description="The first round that re-inverts a blend trigger (with blend_budget above "
         "0); the rounds before it re-invert patches alone, so that a patch backdoor is chased "
-        "by patches first, before blends take their share of stage 2's triggered loss.",
+        "by patches first. Measured at 2 with blend_budget 0.1 (seed 0): BadNets 0.277 ASR "
+        "after, against 0.045 from round 1 on an earlier build, so 1 stays the default "
+        "(docs/engine.md).",
     )
     round_restarts: int = Field(
         default=1,
@@ -141,7 +143,8 @@ class PurifyOptions(BaseModel):
         le=8,
         description="Re-inversions per trigger each round: the first starts from the last "
         "trigger, the others from random ones; the one that sends the most tuning images to "
-        "the suspected target under the current head is kept. Each costs round_steps more.",
+        "the suspected target under the current head is kept. Each costs round_steps more. "
+        "Measured at 3 on the lab (seed 0): the mean ASR after is unchanged for twice the time.",
     )
     verdict: VerdictSettings = VerdictSettings()
     adaptive_check: bool = Field(
