@@ -23,7 +23,7 @@ from worker.cbpt.inversion import (
     TriggerShape,
     info_nce,
 )
-from worker.cbpt.metrics import attack_success_rate, predictions
+from worker.cbpt.metrics import predictions
 from worker.cbpt.zeroshot import Normalizer, encode_images
 
 
@@ -97,5 +97,5 @@ def success_under_head(
     """Share of ``images`` (none of the target class) that ``trigger`` sends to ``target``
     under the head: what picks the strongest of a round's restarts."""
     features = encode_images(model, images, normalizer, transform=trigger.apply)
-    labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
-    return attack_success_rate(predictions(features, class_embeddings), labels, target)
+    sent = predictions(features, class_embeddings).cpu() == target
+    return float(sent.float().mean()) if sent.numel() else 0.0
