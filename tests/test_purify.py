@@ -174,6 +174,25 @@ def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     assert result.report["detection"] == purified.report["detection"]
 
 
+def test_warp_rounds_add_a_trigger_that_moves_pixels_within_its_budget(
+    purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    options = OPTIONS.model_copy(update={"warp_budget": 0.05, "warp_grid": 3})
+    assert trigger_shapes(options) == ["patch", "patch", "warp", "patch", "warp"]
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
+    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    assert rounds["shapes"] == trigger_shapes(options)
+    warps = [i for i, shape in enumerate(rounds["shapes"]) if shape == "warp"]
+    # A warp overwrites nothing and moves pixels by at most its budget; a mask moves none.
+    assert all(rounds["mask_fractions"][i] == 0.0 for i in warps)
+    assert all(0 < rounds["displacements"][i] <= 0.05 for i in warps)
+    assert all(rounds["displacements"][i] == 0.0 for i in range(5) if i not in warps)
+    assert plain["displacements"] == [0.0, 0.0, 0.0]
+    # Round 1's patch is the plain run's: the warp is re-inverted after it, under one head.
+    assert rounds["mask_fractions"][:2] == plain["mask_fractions"][:2]
+    assert result.report["options"]["warp_grid"] == 3
+
+
 def test_blends_can_wait_for_the_patch_rounds(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
@@ -275,6 +294,7 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
         "count": 0,
         "tuned": False,
         "mask_fractions": [result.report["detection"]["mask_fraction"]],
+        "displacements": [0.0],
         "shapes": ["patch"],
         "success_rates": [result.report["detection"]["flip_rate"]],
     }

@@ -23,9 +23,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.cbpt.metrics import predictions
 from worker.cbpt.zeroshot import Normalizer, encode_images
 
-TriggerShape = Literal["patch", "blend"]
+TriggerShape = Literal["patch", "blend", "warp"]
 
 
 class CancelledError(InterruptedError):
@@ -64,6 +65,11 @@ class Trigger:
     def mask_fraction(self) -> float:
         """Mean mask value: the share of the image the trigger overwrites."""
         return float(self.mask.mean())
+
+    @property
+    def displacement(self) -> float:
+        """A mask moves no pixel: 0, the counterpart of a warp's ``mask_fraction``."""
+        return 0.0
 
 
 class TriggerParameters:
@@ -225,6 +231,20 @@ def info_nce(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.
     return (everything - positives).mean()
 
 
+@torch.no_grad()
+def triggered_predictions(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    class_embeddings: torch.Tensor,
+    images: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The class the head gives each image under ``transform`` (a trigger's ``apply``), on the
+    CPU: what the verdict's flip rate and the choice among a round's restarts both count."""
+    features = encode_images(model, images, normalizer, transform=transform)
+    return predictions(features, class_embeddings).cpu()
+
+
 def flip_statistics(
     model: torch.nn.Module,
     normalizer: Normalizer,
@@ -234,10 +254,9 @@ def flip_statistics(
     trigger: Trigger,
 ) -> tuple[int, float]:
     """The class a trigger sends most images to, and the share of the others it sends there."""
-    features = encode_images(model, images, normalizer, transform=trigger.apply)
-    predictions = (features @ class_embeddings.T).argmax(dim=1).cpu()
-    counts = torch.bincount(predictions, minlength=class_embeddings.shape[0])
+    predicted = triggered_predictions(model, normalizer, class_embeddings, images, trigger.apply)
+    counts = torch.bincount(predicted, minlength=class_embeddings.shape[0])
     target = int(counts.argmax())
     others = labels != target
-    rate = float((predictions[others] == target).float().mean()) if bool(others.any()) else 0.0
+    rate = float((predicted[others] == target).float().mean()) if bool(others.any()) else 0.0
     return target, rate

@@ -55,6 +55,7 @@ from worker.cbpt.report import render_html
 from worker.cbpt.rounds import invert_against_head, success_under_head
 from worker.cbpt.tuning import TuningSettings, tune_prompts
 from worker.cbpt.views import fixed_views
+from worker.cbpt.warps import AnyTrigger
 from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
 
 REPORT_SCHEMA_VERSION = 1
@@ -136,6 +137,21 @@ class PurifyOptions(BaseModel):
         "by patches first. Measured at 2 with blend_budget 0.1 (seed 0): BadNets 0.277 ASR "
         "after, against 0.045 from round 1 on an earlier build, so 1 stays the default "
         "(docs/engine.md).",
+    )
+    warp_budget: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="When above 0, each round also re-inverts a warp trigger: a smooth field "
+        "that moves every pixel and overwrites none (the shape of WaNet), each of its "
+        "warp_grid x warp_grid control points moved by at most warp_budget of the image side. "
+        "Each costs one more re-inversion of round_steps (docs/engine.md).",
+    )
+    warp_grid: int = Field(
+        default=4,
+        ge=2,
+        le=32,
+        description="Control points per side of a re-inverted warp's field (WaNet's k).",
     )
     round_restarts: int = Field(
         default=1,
@@ -359,6 +375,7 @@ def purify(
             "count": len(triggers) - 1,
             "tuned": tune,
             "mask_fractions": [round(t.mask_fraction, 6) for t in triggers],
+            "displacements": [round(t.displacement, 6) for t in triggers],
             "shapes": trigger_shapes(options) if tune else ["patch"],
             "success_rates": [round(rate, 6) for rate in rounds.success_rates],
         },
@@ -382,11 +399,11 @@ class _Rounds:
     images each sent to the target under the head it was found against (the hand-crafted one
     for stage 1's), the context and its class embeddings, and the adaptive check's trigger."""
 
-    triggers: list[Trigger]
+    triggers: list[AnyTrigger]
     success_rates: list[float]
     context: torch.Tensor
     embeddings: torch.Tensor
-    adaptive: Trigger | None
+    adaptive: AnyTrigger | None
 
 
 def _tune_in_rounds(
@@ -410,8 +427,9 @@ def _tune_in_rounds(
     current prompts (within the mask budget, warm-started from the last one, the strongest of
     ``round_restarts``) and re-tunes on every trigger found so far. With ``blend_budget``, the
     rounds from ``blend_from_round`` re-invert a blend trigger as well, warm-started from the
-    last blend. With ``adaptive_check``, one more (patch) trigger is re-inverted against the
-    final embeddings.
+    last blend; with ``warp_budget``, every round re-inverts a warp too, from the last warp.
+    With ``adaptive_check``, one more (patch) trigger is re-inverted against the final
+    embeddings.
 
     Stage 2 caches the features of ``tuning.views`` fixed views of the tuning images, clean and
     under each trigger; re-inversion works on the images themselves."""
@@ -421,14 +439,19 @@ def _tune_in_rounds(
     ]
     view_labels = tune_labels.repeat(len(viewed))
     clean_features = torch.cat([encode_images(model, pixels, normalizer) for pixels in viewed])
-    triggers, success_rates = [first], [first_success]
+    triggers: list[AnyTrigger] = [first]
+    success_rates = [first_success]
     triggered_features: list[torch.Tensor] = []  # one block per trigger, computed once
-    budget = options.mask_budget * first.mask_fraction
     victims = tune_pixels[tune_labels != target]
     embeddings, context = hand, torch.empty(0)
-    last: dict[TriggerShape, Trigger | None] = {"patch": first, "blend": None}
+    last: dict[TriggerShape, AnyTrigger | None] = {"patch": first, "blend": None, "warp": None}
+    budgets: dict[TriggerShape, float] = {
+        "patch": options.mask_budget * first.mask_fraction,
+        "blend": options.blend_budget,
+        "warp": options.warp_budget,
+    }
 
-    def reinvert(round_index: int, shape: TriggerShape = "patch") -> tuple[Trigger, float]:
+    def reinvert(round_index: int, shape: TriggerShape = "patch") -> tuple[AnyTrigger, float]:
         candidates = [
             invert_against_head(
                 model,
@@ -436,12 +459,13 @@ def _tune_in_rounds(
                 victims,
                 embeddings,
                 target,
-                budget if shape == "patch" else options.blend_budget,
+                budgets[shape],
                 options.inversion,
                 steps=options.round_steps,
                 start=last[shape] if restart == 0 else None,
                 contrastive_weight=options.round_contrastive_weight,
                 shape=shape,
+                warp_grid=options.warp_grid,
                 logit_scale=scale,
                 seed=_round_seed(options.seed, round_index, shape, restart),
                 should_cancel=should_cancel,
@@ -456,7 +480,7 @@ def _tune_in_rounds(
         return candidates[best], rates[best]
 
     for round_index in range(options.rounds + 1):
-        found = [first]
+        found: list[AnyTrigger] = [first]
         if round_index > 0:
             shapes = _round_shapes(options, round_index)
             found_and_rates = [reinvert(round_index, shape) for shape in shapes]
@@ -494,14 +518,20 @@ def _tune_in_rounds(
 
 def _round_seed(seed: int, round_index: int, shape: TriggerShape, restart: int) -> int:
     """Each re-inversion's own seed; restart 0 keeps the seed runs had before restarts."""
-    return seed + round_index + (0 if shape == "patch" else 7919) + 104_729 * restart
+    return seed + round_index + _SHAPE_SEED_OFFSETS[shape] + 104_729 * restart
+
+
+_SHAPE_SEED_OFFSETS: dict[TriggerShape, int] = {"patch": 0, "blend": 7919, "warp": 15_013}
 
 
 def _round_shapes(options: PurifyOptions, round_index: int) -> tuple[TriggerShape, ...]:
     """The triggers round ``round_index`` (from 1) re-inverts, in order."""
+    shapes: tuple[TriggerShape, ...] = ("patch",)
     if options.blend_budget and round_index >= options.blend_from_round:
-        return ("patch", "blend")
-    return ("patch",)
+        shapes += ("blend",)
+    if options.warp_budget:
+        shapes += ("warp",)
+    return shapes
 
 
 def trigger_shapes(options: PurifyOptions) -> list[TriggerShape]:
@@ -606,7 +636,7 @@ def _evaluate(
     after: torch.Tensor,
     target: int,
     inverted: Trigger,
-    adaptive: Trigger | None,
+    adaptive: AnyTrigger | None,
     known: tuple[AttackSpec, ...],
 ) -> dict[str, Any]:
     """CA, per-class accuracy, and ASR of every trigger before and after. Each trigger's
