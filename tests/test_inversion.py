@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import open_clip
 import pytest
 import torch
@@ -17,6 +19,7 @@ from worker.cbpt.inversion import (
     invert_trigger,
 )
 from worker.cbpt.rounds import invert_against_head
+from worker.cbpt.warps import AnyTrigger, WarpTrigger
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.evaluate import load_lab_model
 from worker.lab.make import LabModel
@@ -71,6 +74,44 @@ def test_inversion_learns_a_small_trigger_deterministically(badnets_lab: LabMode
         settings.tau,
     )
     assert float(learned) < 0.5 * float(untrained), (float(learned), float(untrained))
+
+
+def test_a_judge_keeps_its_strongest_restart_and_stops_at_enough(badnets_lab: LabModel) -> None:
+    """Restarts are seeded one by one, so every call below sees the same three triggers; the
+    judge's ratings, not the losses, pick among them once it is given."""
+    model, normalizer, size = load_lab_model(badnets_lab.directory)
+    model.requires_grad_(False)
+    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
+    settings = InversionSettings(steps=5, batch_size=16, restarts=3)
+    plain = invert_trigger(model, normalizer, shots.images, settings, seed=0)
+    seen: list[Trigger] = []
+
+    def judge(ratings: list[float]) -> Callable[[Trigger], float]:
+        def rate(trigger: Trigger) -> float:
+            seen.append(trigger)
+            return ratings[len(seen) - 1]
+
+        return rate
+
+    judged = invert_trigger(
+        model, normalizer, shots.images, settings, seed=0, judge=judge([1.0, 5.0, 3.0])
+    )
+    assert judged.strengths == (1.0, 5.0, 3.0)
+    assert judged.losses == plain.losses
+    assert len(set(plain.losses)) == 3
+    assert torch.equal(judged.trigger.mask, seen[1].mask)
+    assert judged.loss == plain.losses[1]
+    # Without a judge the lowest loss wins; a restart that is no longer needed does not run.
+    lowest = plain.losses.index(min(plain.losses))
+    assert plain.strengths == ()
+    assert torch.equal(plain.trigger.mask, seen[lowest].mask)
+    seen.clear()
+    stopped = invert_trigger(
+        model, normalizer, shots.images, settings, seed=0, judge=judge([1.0, 5.0, 3.0]), enough=5
+    )
+    assert stopped.strengths == (1.0, 5.0)
+    assert stopped.losses == plain.losses[:2]
+    assert torch.equal(stopped.trigger.mask, judged.trigger.mask)
 
 
 def test_flip_statistics_counts_the_other_classes() -> None:
@@ -140,3 +181,44 @@ def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
     assert trigger.mask_fraction <= budget * 1.1
     assert (float(trigger.mask.max() - trigger.mask.min()) < 1e-6) == (shape == "blend")
     assert sent_to_target(trigger) > sent_to_target(start) + 0.2
+
+
+def test_a_warp_re_inversion_moves_pixels_to_reach_the_target_within_its_budget(
+    badnets_lab: LabModel,
+) -> None:
+    """A warp overwrites no pixel, yet re-inverted against the head it must send more images
+    to the target than the images themselves go, with every offset within the budget."""
+    model, normalizer, size = load_lab_model(badnets_lab.directory)
+    model.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
+    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
+    head = class_embeddings(model, tokenizer, shots.class_names)
+    assert badnets_lab.attack is not None
+    target = shots.class_names.index(badnets_lab.attack.target or "")
+    victims = shots.images[shots.labels != target].float() / 255
+
+    def sent_to_target(trigger: AnyTrigger | None) -> float:
+        transform = None if trigger is None else trigger.apply
+        features = encode_images(model, victims, normalizer, transform=transform)
+        return float(((features @ head.T).argmax(dim=1) == target).float().mean())
+
+    trigger = invert_against_head(
+        model,
+        normalizer,
+        victims,
+        head,
+        target,
+        0.1,
+        InversionSettings(batch_size=32),
+        steps=60,
+        start=None,
+        shape="warp",
+        warp_grid=4,
+        logit_scale=float(model.logit_scale.exp()),
+        seed=0,
+    )
+    assert isinstance(trigger, WarpTrigger)
+    assert trigger.offsets.shape == (2, 4, 4)
+    assert float(trigger.offsets.abs().max()) <= 0.1 + 1e-6
+    assert trigger.mask_fraction == 0.0
+    assert sent_to_target(trigger) > sent_to_target(None) + 0.2

@@ -271,9 +271,9 @@ def test_cancel_during_each_stage_stops_there(
     ("flip_rate", "mask_fraction", "expected"),
     [
         (0.91, 0.0068, "backdoored"),  # lab BadNets: score 134
-        (0.458, 0.0164, "backdoored"),  # lab label-consistent, the weakest backdoor: 27.9
+        (0.389, 0.0151, "backdoored"),  # lab label-consistent, the weakest backdoor: 25.8
         (0.40, 0.0168, "suspicious"),  # 23.8
-        (0.50, 0.0223, "clean"),  # the clean lab model's highest score: 22.4
+        (0.50, 0.0223, "clean"),  # the clean lab model at seed 0: 22.4
         (0.15, 0.0001, "clean"),  # flips too few images, however small the mask
         (0.99, 0.2, "clean"),  # a fifth of the image is no trigger
     ],
@@ -290,6 +290,11 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
     options = OPTIONS.model_copy(update={"verdict": never, "tune_when_clean": False})
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     assert result.verdict == "clean"
+    detection = result.report["detection"]
+    # No start settles a verdict that is never reached, so every restart ran; the best one is
+    # the trigger the verdict read.
+    assert len(detection["restart_scores"]) == len(detection["restart_losses"]) == 3
+    assert detection["score"] == max(detection["restart_scores"])
     assert result.report["rounds"] == {
         "count": 0,
         "tuned": False,

@@ -72,10 +72,11 @@ class VerdictSettings(BaseModel):
     The score is the share of other classes' images the inverted trigger sends to the suspected
     target, per unit of mask: a backdoor is a shortcut the model was taught, so its trigger does
     more with less than the universal adversarial patches every model has. Flip rate or mask
-    size alone do not separate them on the lab models (the clean one's patch flips 29 to 50%
-    of images, a label-consistent backdoor's 45 to 52%); their ratio does. The defaults are
-    calibrated on the Fashion-MNIST lab, seeds 0 to 3: the clean model scores 13 to 22, the
-    backdoored ones 27 to 134. Another family of models may need its own calibration.
+    size alone do not separate them on the lab models (the clean one's patch flips 24 to 53%
+    of images, a label-consistent backdoor's 29 to 54%); their ratio mostly does. One inversion
+    is a draw: on the Fashion-MNIST lab the clean model's draws score 11.8 to 25.8, the
+    label-consistent model's 15.2 to 28.6, BadNets' 20.5 to 133 (docs/engine.md). The verdict
+    reads the best of stage 1's restarts. Another family of models needs its own calibration.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -145,7 +146,9 @@ class PurifyOptions(BaseModel):
         description="When above 0, each round also re-inverts a warp trigger: a smooth field "
         "that moves every pixel and overwrites none (the shape of WaNet), each of its "
         "warp_grid x warp_grid control points moved by at most warp_budget of the image side. "
-        "Each costs one more re-inversion of round_steps (docs/engine.md).",
+        "Each costs one more re-inversion of round_steps. Measured at 0.1 on the lab (seed 0): "
+        "WaNet's ASR after 0.42 -> 0.23, but SIG 0.22 -> 0.69 and the mean over six attacks "
+        "0.17 -> 0.29, so it stays off unless a warp backdoor is suspected (docs/engine.md).",
     )
     warp_grid: int = Field(
         default=4,
@@ -289,6 +292,10 @@ def purify(
     tune_labels = images.labels[tune_index].to(device)
     stage_done("load")
 
+    def strength(trigger: Trigger) -> float:
+        _, flip = flip_statistics(model, normalizer, hand, tune_pixels, tune_labels.cpu(), trigger)
+        return detection_strength(flip, trigger.mask_fraction, options.verdict)
+
     precision = resolve_precision(device, options.precision)
     with autocast(device, precision):
         inversion = invert_trigger(
@@ -297,6 +304,8 @@ def purify(
             tune_pixels,
             options.inversion,
             seed=options.seed,
+            judge=strength,
+            enough=options.verdict.backdoored_score,
             progress=lambda f: report("inversion", f),
             should_cancel=cancelled,
         )
@@ -357,6 +366,7 @@ def purify(
             "mask_fraction": round(first.mask_fraction, 6),
             "score": round(backdoor_score(tune_flip, first.mask_fraction), 3),
             "restart_losses": [round(v, 6) for v in inversion.losses],
+            "restart_scores": [round(v, 3) for v in inversion.strengths],
             "thresholds": options.verdict.model_dump(),
         },
         "triggers": evaluation["triggers"],
@@ -451,8 +461,8 @@ def _tune_in_rounds(
         "warp": options.warp_budget,
     }
 
-    def reinvert(round_index: int, shape: TriggerShape = "patch") -> tuple[AnyTrigger, float]:
-        candidates = [
+    def restarts(round_index: int, shape: TriggerShape = "patch") -> list[AnyTrigger]:
+        return [
             invert_against_head(
                 model,
                 normalizer,
@@ -472,6 +482,8 @@ def _tune_in_rounds(
             )
             for restart in range(options.round_restarts)
         ]
+
+    def strongest(candidates: list[AnyTrigger]) -> tuple[AnyTrigger, float]:
         rates = [
             success_under_head(model, normalizer, victims, embeddings, target, trigger)
             for trigger in candidates
@@ -483,7 +495,7 @@ def _tune_in_rounds(
         found: list[AnyTrigger] = [first]
         if round_index > 0:
             shapes = _round_shapes(options, round_index)
-            found_and_rates = [reinvert(round_index, shape) for shape in shapes]
+            found_and_rates = [strongest(restarts(round_index, shape)) for shape in shapes]
             found = [trigger for trigger, _ in found_and_rates]
             triggers.extend(found)
             success_rates.extend(rate for _, rate in found_and_rates)
@@ -512,7 +524,10 @@ def _tune_in_rounds(
             progress=_round_progress(progress, round_index, options.rounds + 1),
         )
         embeddings, context = tuned.class_embeddings, tuned.prompts.context.detach()
-    adaptive = reinvert(options.rounds + 1)[0] if options.adaptive_check else None
+    adaptive = None
+    if options.adaptive_check:  # its success under the head matters only to pick a restart
+        checks = restarts(options.rounds + 1)
+        adaptive = checks[0] if len(checks) == 1 else strongest(checks)[0]
     return _Rounds(triggers, success_rates, context, embeddings, adaptive)
 
 
@@ -617,8 +632,23 @@ def backdoor_score(flip_rate: float, mask_fraction: float) -> float:
     return flip_rate / max(mask_fraction, 1e-6)
 
 
+def _gated(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> bool:
+    """A trigger too large or too weak to be a backdoor's, whatever its score."""
+    return mask_fraction > settings.max_mask_fraction or flip_rate < settings.min_flip_rate
+
+
+def detection_strength(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> float:
+    """How strongly a trigger speaks for a backdoor: its score, or 0 where the verdict's gates
+    call it clean. Stage 1's restarts keep the strongest."""
+    return (
+        0.0
+        if _gated(flip_rate, mask_fraction, settings)
+        else backdoor_score(flip_rate, mask_fraction)
+    )
+
+
 def verdict_of(flip_rate: float, mask_fraction: float, settings: VerdictSettings) -> str:
-    if mask_fraction > settings.max_mask_fraction or flip_rate < settings.min_flip_rate:
+    if _gated(flip_rate, mask_fraction, settings):
         return "clean"
     score = backdoor_score(flip_rate, mask_fraction)
     if score >= settings.backdoored_score:
