@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import open_clip
 import pytest
@@ -137,6 +138,41 @@ def test_flip_statistics_counts_the_other_classes() -> None:
     assert (target, rate) == (1, 1.0)
 
 
+@dataclass(frozen=True)
+class _HeadOfLab:
+    """A suite lab model's zero-shot head and the shots it should not send to the target:
+    what a re-inversion works against, and the share it sends there."""
+
+    model: torch.nn.Module
+    normalizer: Normalizer
+    head: torch.Tensor
+    target: int
+    victims: torch.Tensor
+    logit_scale: float
+
+    @classmethod
+    def of(cls, lab: LabModel) -> _HeadOfLab:
+        model, normalizer, size = load_lab_model(lab.directory)
+        model.requires_grad_(False)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{lab.directory}")
+        shots = read_image_set(lab.directory / "fewshot.zip", size)
+        assert lab.attack is not None
+        target = shots.class_names.index(lab.attack.target or "")
+        return cls(
+            model,
+            normalizer,
+            class_embeddings(model, tokenizer, shots.class_names),
+            target,
+            shots.images[shots.labels != target].float() / 255,
+            float(model.logit_scale.exp()),
+        )
+
+    def sent_to_target(self, trigger: AnyTrigger | None) -> float:
+        transform = None if trigger is None else trigger.apply
+        features = encode_images(self.model, self.victims, self.normalizer, transform=transform)
+        return float(((features @ self.head.T).argmax(dim=1) == self.target).float().mean())
+
+
 @pytest.mark.parametrize(
     ("contrastive_weight", "shape", "budget"),
     [(0.0, "patch", 0.03), (1.0, "patch", 0.03), (0.0, "blend", 0.15)],
@@ -147,40 +183,30 @@ def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
     """A round's trigger, warm-started from the last one, must work better against the head
     than where it started and keep its mask under the budget (a hinge, so up to a little). A
     blend has one weight for every pixel."""
-    model, normalizer, size = load_lab_model(badnets_lab.directory)
-    model.requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
-    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
-    head = class_embeddings(model, tokenizer, shots.class_names)
-    assert badnets_lab.attack is not None
-    target = shots.class_names.index(badnets_lab.attack.target or "")
-    victims = shots.images[shots.labels != target].float() / 255
+    lab = _HeadOfLab.of(badnets_lab)
+    size = lab.victims.shape[-1]
     generator = torch.Generator().manual_seed(0)
     start = Trigger(torch.full((size, size), 0.02), torch.rand(3, size, size, generator=generator))
-
-    def sent_to_target(trigger: Trigger) -> float:
-        features = encode_images(model, victims, normalizer, transform=trigger.apply)
-        return float(((features @ head.T).argmax(dim=1) == target).float().mean())
-
     trigger = invert_against_head(
-        model,
-        normalizer,
-        victims,
-        head,
-        target,
+        lab.model,
+        lab.normalizer,
+        lab.victims,
+        lab.head,
+        lab.target,
         budget,
         InversionSettings(batch_size=32),
         steps=60,
         start=start,
         contrastive_weight=contrastive_weight,
         shape=shape,
-        logit_scale=float(model.logit_scale.exp()),
+        logit_scale=lab.logit_scale,
         seed=0,
     )
+    assert isinstance(trigger, Trigger)
     assert trigger.mask.shape == (size, size)
     assert trigger.mask_fraction <= budget * 1.1
     assert (float(trigger.mask.max() - trigger.mask.min()) < 1e-6) == (shape == "blend")
-    assert sent_to_target(trigger) > sent_to_target(start) + 0.2
+    assert lab.sent_to_target(trigger) > lab.sent_to_target(start) + 0.2
 
 
 def test_a_warp_re_inversion_moves_pixels_to_reach_the_target_within_its_budget(
@@ -188,37 +214,24 @@ def test_a_warp_re_inversion_moves_pixels_to_reach_the_target_within_its_budget(
 ) -> None:
     """A warp overwrites no pixel, yet re-inverted against the head it must send more images
     to the target than the images themselves go, with every offset within the budget."""
-    model, normalizer, size = load_lab_model(badnets_lab.directory)
-    model.requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{badnets_lab.directory}")
-    shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
-    head = class_embeddings(model, tokenizer, shots.class_names)
-    assert badnets_lab.attack is not None
-    target = shots.class_names.index(badnets_lab.attack.target or "")
-    victims = shots.images[shots.labels != target].float() / 255
-
-    def sent_to_target(trigger: AnyTrigger | None) -> float:
-        transform = None if trigger is None else trigger.apply
-        features = encode_images(model, victims, normalizer, transform=transform)
-        return float(((features @ head.T).argmax(dim=1) == target).float().mean())
-
+    lab = _HeadOfLab.of(badnets_lab)
     trigger = invert_against_head(
-        model,
-        normalizer,
-        victims,
-        head,
-        target,
+        lab.model,
+        lab.normalizer,
+        lab.victims,
+        lab.head,
+        lab.target,
         0.1,
         InversionSettings(batch_size=32),
         steps=60,
         start=None,
         shape="warp",
         warp_grid=4,
-        logit_scale=float(model.logit_scale.exp()),
+        logit_scale=lab.logit_scale,
         seed=0,
     )
     assert isinstance(trigger, WarpTrigger)
     assert trigger.offsets.shape == (2, 4, 4)
     assert float(trigger.offsets.abs().max()) <= 0.1 + 1e-6
     assert trigger.mask_fraction == 0.0
-    assert sent_to_target(trigger) > sent_to_target(None) + 0.2
+    assert lab.sent_to_target(trigger) > lab.sent_to_target(None) + 0.2

@@ -195,10 +195,9 @@ def invert_trigger(
             if strengths[-1] >= enough:
                 break
     if judge is None:
-        best = min(range(len(results)), key=lambda i: results[i][1])
+        trigger, loss = min(results, key=lambda result: result[1])
     else:  # the first of equals: the earliest restart
-        best = strengths.index(max(strengths))
-    trigger, loss = results[best]
+        trigger, loss = results[strengths.index(max(strengths))]
     return InversionResult(trigger, loss, tuple(r[1] for r in results), tuple(strengths))
 
 
