@@ -8,7 +8,7 @@ import torch
 
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.tuning import TuningSettings, tune_prompts
+from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
 from worker.cbpt.zeroshot import class_embeddings, encode_images
 from worker.lab.evaluate import load_lab_model
 from worker.lab.make import LabModel
@@ -78,3 +78,36 @@ def test_triggered_features_must_be_whole_blocks_of_the_clean_images(
             TuningSettings(steps=1),
             seed=0,
         )
+
+
+def test_shift_scales_extrapolate_each_triggered_feature_from_its_clean_image() -> None:
+    """A scale s puts a triggered image's feature at f(x) + s (f(T(x)) - f(x)), renormalised,
+    against the same target as the feature itself: each copy asks the head to hold its class
+    further along the shift the trigger makes."""
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    triggered = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    hand = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def backdoor(scales: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        settings = TuningSettings(shift_scales=scales)
+        twice = labels.repeat(2)
+        objective = TuningObjective(10.0, hand, clean, labels, triggered, twice, settings)
+        assert objective.backdoor is not None
+        return objective.backdoor
+
+    plain_features, plain_targets = backdoor((1.0,))
+    torch.testing.assert_close(plain_features, triggered)
+    features, targets = backdoor((1.0, 2.0))
+    assert features.shape == (24, 8)
+    torch.testing.assert_close(features[:12], triggered)
+    expected = torch.nn.functional.normalize(2 * triggered - clean.repeat(2, 1), dim=1)
+    torch.testing.assert_close(features[12:], expected)
+    torch.testing.assert_close(targets, plain_targets.repeat(2, 1))
+
+
+@pytest.mark.parametrize("scales", [(), (0.0,), (1.0, -1.0), (11.0,)])
+def test_shift_scales_must_be_positive_and_bounded(scales: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="shift"):
+        TuningSettings(shift_scales=scales)
