@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.cbpt.attacks import ATTACK_NAMES, parse_attack
 from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.imagesets import read_image_set
-from worker.cbpt.inversion import InversionSettings, Trigger, flip_statistics, invert_trigger
-from worker.cbpt.purify import VerdictSettings, detection_strength
+from worker.cbpt.inversion import InversionSettings
+from worker.cbpt.purify import VerdictSettings, invert_for_verdict
 from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
 
 
@@ -79,21 +79,15 @@ def _shift_row(folder: Path, seed: int) -> list[str]:
     shots = read_image_set(folder / "fewshot.zip", size, interpolation=interpolation)
     test = read_image_set(folder / "test.zip", size, interpolation=interpolation)
     hand = class_embeddings(model, loaded.tokenizer, shots.class_names, DEFAULT_TEMPLATES)
-    pixels = shots.images.float() / 255
-    verdict = VerdictSettings()
-
-    def score(trigger: Trigger) -> float:
-        _, flip = flip_statistics(model, normalizer, hand, pixels, shots.labels, trigger)
-        return detection_strength(flip, trigger.mask_fraction, verdict)
-
-    inversion = invert_trigger(
+    inversion = invert_for_verdict(
         model,
         normalizer,
-        pixels,
+        hand,
+        shots.images.float() / 255,
+        shots.labels,
         InversionSettings(),
+        VerdictSettings(),
         seed=seed,
-        judge=score,
-        enough=verdict.backdoored_score,
     )
     spec = parse_attack((folder / "attack.json").read_bytes())
     others = test.images[test.labels != shots.class_names.index(spec.target or "")]

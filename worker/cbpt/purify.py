@@ -31,6 +31,7 @@ from worker.cbpt.checkpoint import LoadedCheckpoint, load_checkpoint
 from worker.cbpt.imagesets import ImageSet, read_image_set
 from worker.cbpt.inversion import (
     CancelledError,
+    InversionResult,
     InversionSettings,
     Trigger,
     TriggerShape,
@@ -292,20 +293,17 @@ def purify(
     tune_labels = images.labels[tune_index].to(device)
     stage_done("load")
 
-    def strength(trigger: Trigger) -> float:
-        _, flip = flip_statistics(model, normalizer, hand, tune_pixels, tune_labels.cpu(), trigger)
-        return detection_strength(flip, trigger.mask_fraction, options.verdict)
-
     precision = resolve_precision(device, options.precision)
     with autocast(device, precision):
-        inversion = invert_trigger(
+        inversion = invert_for_verdict(
             model,
             normalizer,
+            hand,
             tune_pixels,
+            tune_labels.cpu(),
             options.inversion,
+            options.verdict,
             seed=options.seed,
-            judge=strength,
-            enough=options.verdict.backdoored_score,
             progress=lambda f: report("inversion", f),
             should_cancel=cancelled,
         )
@@ -414,6 +412,42 @@ class _Rounds:
     context: torch.Tensor
     embeddings: torch.Tensor
     adaptive: AnyTrigger | None
+
+
+def invert_for_verdict(
+    model: torch.nn.Module,
+    normalizer: Normalizer,
+    hand: torch.Tensor,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    settings: InversionSettings,
+    verdict: VerdictSettings,
+    *,
+    seed: int,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: ShouldCancel | None = None,
+) -> InversionResult:
+    """Stage 1 as a job runs it: each restart is judged by the verdict's score under the
+    zero-shot head ``hand``, and one that reaches ``backdoored_score`` ends the search.
+
+    Benchmarks call this too, so that what they measure is the trigger a job would find.
+    """
+
+    def strength(trigger: Trigger) -> float:
+        _, flip = flip_statistics(model, normalizer, hand, pixels, labels, trigger)
+        return detection_strength(flip, trigger.mask_fraction, verdict)
+
+    return invert_trigger(
+        model,
+        normalizer,
+        pixels,
+        settings,
+        seed=seed,
+        judge=strength,
+        enough=verdict.backdoored_score,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
 
 
 def _tune_in_rounds(
