@@ -36,17 +36,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES, parse_attack
-from worker.cbpt.checkpoint import load_checkpoint
-from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.attacks import ATTACK_NAMES
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
 from worker.cbpt.purify import stratified_split
-from worker.cbpt.zeroshot import (
-    DEFAULT_TEMPLATES,
-    Normalizer,
-    class_embeddings,
-    encode_images,
-)
+from worker.cbpt.zeroshot import encode_images
+from worker.lab.folder import LabFolder, NotBackdooredError, backdoored_folders, open_lab_folder
 
 WEIGHTS = (0.0, 0.25, 1.0, 4.0, 16.0)
 
@@ -75,12 +69,15 @@ def main() -> int:
     columns = ("model", "zero-shot", "floor", "fit on", *(f"w={w:g}" for w in WEIGHTS), "best")
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "fit on") else "right")
-    for name in [a for a in args.attacks.split(",") if a]:
-        folder = args.lab / name
-        if not (folder / "attack.json").is_file():
-            console.print(f"{folder} holds no backdoored lab model; run bench/lab.py first")
-            return 1
-        shots, test, scale, hand, target = _features(folder)
+    try:
+        folders = backdoored_folders(args.lab, args.attacks)
+    except NotBackdooredError as exc:
+        console.print(str(exc))
+        return 1
+    for name, folder in folders:
+        lab = open_lab_folder(folder)
+        shots, test, target = _features(lab)
+        scale, hand = lab.logit_scale, lab.hand
         half, other = stratified_split(test.labels, 0.5, args.seed)
         before = _measure(hand, test.subset(other), target)
         floor = _natural_confusion(hand, test.subset(other), target)
@@ -108,26 +105,18 @@ def main() -> int:
     return 0
 
 
-def _features(folder: Path) -> tuple[Features, Features, float, torch.Tensor, int]:
-    loaded = load_checkpoint(folder, device=torch.device("cpu"))
-    model, preprocess = loaded.model, loaded.preprocess
-    normalizer = Normalizer(preprocess.mean, preprocess.std)
-    spec = parse_attack((folder / "attack.json").read_bytes())
-    sets = []
-    for archive in ("fewshot.zip", "test.zip"):
-        images = read_image_set(
-            folder / archive, preprocess.size, interpolation=preprocess.interpolation
+def _features(lab: LabFolder) -> tuple[Features, Features, int]:
+    """Clean and really triggered features of the shots and of the test set, and the target."""
+    spec, target = lab.backdoor()
+    sets = [
+        Features(
+            encode_images(lab.model, images.images, lab.normalizer),
+            encode_images(lab.model, images.images, lab.normalizer, transform=spec.apply),
+            images.labels,
         )
-        sets.append(
-            Features(
-                encode_images(model, images.images, normalizer),
-                encode_images(model, images.images, normalizer, transform=spec.apply),
-                images.labels,
-            )
-        )
-        names = images.class_names
-    hand = class_embeddings(model, loaded.tokenizer, names, DEFAULT_TEMPLATES)
-    return sets[0], sets[1], float(model.logit_scale.exp()), hand, names.index(spec.target or "")
+        for images in (lab.shots, lab.test)
+    ]
+    return sets[0], sets[1], target
 
 
 def _fit(

@@ -36,15 +36,14 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec
-from worker.cbpt.checkpoint import load_checkpoint
-from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
 from worker.cbpt.purify import PurifyOptions
 from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
-from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
+from worker.cbpt.zeroshot import encode_images
 from worker.lab.datasets import default_dataset
 from worker.lab.defend import purify_lab
 from worker.lab.evaluate import lab_attack
+from worker.lab.folder import open_lab_folder
 from worker.lab.make import LabSettings, default_attack, make_lab_model
 
 
@@ -155,18 +154,13 @@ def oracle(
 ) -> dict[str, tuple[float, float]]:
     """Test CA and ASR after tuning on the real trigger's features of the shots: prompts tuned
     once ("oracle") and a free linear head ("ceiling")."""
-    loaded = load_checkpoint(folder)
-    model, preprocess = loaded.model, loaded.preprocess
-    normalizer = Normalizer(preprocess.mean, preprocess.std)
-    size, interpolation = preprocess.size, preprocess.interpolation
-    shots = read_image_set(folder / "fewshot.zip", size, interpolation=interpolation)
-    test = read_image_set(folder / "test.zip", size, interpolation=interpolation)
-    hand = class_embeddings(model, loaded.tokenizer, shots.class_names, options.templates)
+    lab = open_lab_folder(folder, templates=options.templates)
+    model, normalizer, shots, test, hand = lab.model, lab.normalizer, lab.shots, lab.test, lab.hand
     clean = encode_images(model, shots.images, normalizer)
     triggered = encode_images(model, shots.images, normalizer, transform=trigger.apply)
     tuned = tune_prompts(
         model,
-        loaded.tokenizer,
+        lab.loaded.tokenizer,
         shots.class_names,
         hand,
         clean,
@@ -176,8 +170,7 @@ def oracle(
         options.tuning,
         seed=options.seed,
     )
-    scale = float(model.logit_scale.exp())
-    ceiling = _free_head(hand, clean, shots.labels, triggered, scale, options.tuning)
+    ceiling = _free_head(hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning)
     target = shots.class_names.index(trigger.target or "")
     test_clean = encode_images(model, test.images, normalizer)
     test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)

@@ -23,19 +23,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES, parse_attack
-from worker.cbpt.checkpoint import load_checkpoint
-from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.attacks import ATTACK_NAMES
 from worker.cbpt.inversion import InversionSettings
 from worker.cbpt.purify import VerdictSettings, invert_for_verdict
-from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
+from worker.cbpt.zeroshot import encode_images
+from worker.lab.folder import LabFolder, NotBackdooredError, backdoored_folders, open_lab_folder
 
 
 def main() -> int:
@@ -60,37 +58,32 @@ def main() -> int:
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
-    for name in [a for a in args.attacks.split(",") if a]:
-        folder = args.lab / name
-        if not (folder / "attack.json").is_file():
-            console.print(f"{folder} holds no backdoored lab model; run bench/lab.py first")
-            return 1
-        table.add_row(name, *_shift_row(folder, args.seed))
+    try:
+        folders = backdoored_folders(args.lab, args.attacks)
+    except NotBackdooredError as exc:
+        console.print(str(exc))
+        return 1
+    for name, folder in folders:
+        table.add_row(name, *_shift_row(open_lab_folder(folder), args.seed))
         console.print(f"{name} measured")
     console.print(table)
     return 0
 
 
-def _shift_row(folder: Path, seed: int) -> list[str]:
-    loaded = load_checkpoint(folder, device=torch.device("cpu"))
-    model, preprocess = loaded.model, loaded.preprocess
-    normalizer = Normalizer(preprocess.mean, preprocess.std)
-    size, interpolation = preprocess.size, preprocess.interpolation
-    shots = read_image_set(folder / "fewshot.zip", size, interpolation=interpolation)
-    test = read_image_set(folder / "test.zip", size, interpolation=interpolation)
-    hand = class_embeddings(model, loaded.tokenizer, shots.class_names, DEFAULT_TEMPLATES)
+def _shift_row(lab: LabFolder, seed: int) -> list[str]:
+    model, normalizer, shots, test = lab.model, lab.normalizer, lab.shots, lab.test
+    spec, target = lab.backdoor()
     inversion = invert_for_verdict(
         model,
         normalizer,
-        hand,
+        lab.hand,
         shots.images.float() / 255,
         shots.labels,
         InversionSettings(),
         VerdictSettings(),
         seed=seed,
     )
-    spec = parse_attack((folder / "attack.json").read_bytes())
-    others = test.images[test.labels != shots.class_names.index(spec.target or "")]
+    others = test.images[test.labels != target]
     clean = encode_images(model, others, normalizer)
     real = encode_images(model, others, normalizer, transform=spec.apply) - clean
     inverted = encode_images(model, others, normalizer, transform=inversion.trigger.apply) - clean

@@ -16,6 +16,7 @@ from service.cli.main import app
 from worker.cbpt.attacks import BadNets, parse_attack
 from worker.cbpt.imagesets import read_image_set
 from worker.lab.evaluate import evaluate_lab_dir
+from worker.lab.folder import NotBackdooredError, backdoored_folders, open_lab_folder
 from worker.lab.make import LabModel, LabSettings, make_lab_model
 
 
@@ -64,6 +65,36 @@ def test_folder_holds_the_service_inputs(badnets_lab: LabModel, lab_settings: La
     provenance = json.loads((directory / "lab.json").read_text())
     assert provenance["attack"] == "badnets"
     assert provenance["poison_rate"] == pytest.approx(lab_settings.poison_rate, abs=0.01)
+
+
+def test_lab_folder_opens_as_a_job_reads_it(
+    clean_lab: LabModel, badnets_lab: LabModel, lab_settings: LabSettings
+) -> None:
+    lab = open_lab_folder(badnets_lab.directory)
+    assert lab.class_names == badnets_lab.class_names
+    assert lab.test.class_names == badnets_lab.class_names
+    assert torch.bincount(lab.shots.labels).tolist() == [lab_settings.shots] * 10
+    assert lab.hand.shape == (10, lab.loaded.model_cfg["embed_dim"])
+    assert torch.allclose(lab.hand.norm(dim=1), torch.ones(10), atol=1e-5)
+    assert lab.logit_scale == pytest.approx(float(lab.model.logit_scale.exp()))
+    attack, target = lab.backdoor()
+    assert attack == badnets_lab.attack
+    assert target == lab_settings.target
+    clean = open_lab_folder(clean_lab.directory)
+    assert clean.attack is None
+    with pytest.raises(NotBackdooredError, match="no backdoored lab model"):
+        clean.backdoor()
+
+
+def test_backdoored_folders_checks_every_name_first(
+    clean_lab: LabModel, badnets_lab: LabModel
+) -> None:
+    lab = badnets_lab.directory.parent
+    assert backdoored_folders(lab, "badnets,") == [("badnets", badnets_lab.directory)]
+    with pytest.raises(NotBackdooredError, match="missing"):
+        backdoored_folders(lab, "badnets,missing")
+    with pytest.raises(NotBackdooredError, match="clean"):
+        backdoored_folders(clean_lab.directory.parent, "clean")
 
 
 def test_clean_base_is_cached(
