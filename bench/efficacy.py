@@ -101,6 +101,8 @@ def main() -> int:
                         "flip_rate": result.report["detection"]["flip_rate"],
                         "mask_fraction": result.report["detection"]["mask_fraction"],
                         "score": result.report["detection"]["score"],
+                        "restart_scores": result.report["detection"]["restart_scores"],
+                        "timings_s": result.report["timings_s"],
                         # The adaptive check: what a trigger re-inverted against the purified
                         # head still gets, the job's own estimate of the ASR left.
                         "reinverted_asr_after": next(
