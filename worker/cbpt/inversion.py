@@ -48,7 +48,8 @@ class InversionSettings(BaseModel):
         le=4096,
         description="Images per step, for stage 1 and for each re-inversion round. A step's cost "
         "is linear in it; on the lab, 32 halves a draw's time against 64 and widens the gap "
-        "between clean and backdoored scores, at the same ASR and CA after (docs/engine.md).",
+        "between clean and backdoored scores, with ASR and CA after within seed noise of 64's "
+        "(docs/engine.md).",
     )
     lambda_init: float = Field(default=1e-3, ge=0, le=100)
     lambda_factor: float = Field(default=1.5, gt=1, le=10)
