@@ -103,6 +103,7 @@ def main() -> int:
                         "score": result.report["detection"]["score"],
                         "restart_scores": result.report["detection"]["restart_scores"],
                         "timings_s": result.report["timings_s"],
+                        **_accuracy_by_side(result.report, known.target),
                         # The adaptive check: what a trigger re-inverted against the purified
                         # head still gets, the job's own estimate of the ASR left.
                         "reinverted_asr_after": next(
@@ -160,6 +161,7 @@ def oracle(
     model, normalizer, shots, test, hand = lab.model, lab.normalizer, lab.shots, lab.test, lab.hand
     clean = encode_images(model, shots.images, normalizer)
     triggered = encode_images(model, shots.images, normalizer, transform=trigger.apply)
+    target = lab.backdoor()[1]
     tuned = tune_prompts(
         model,
         lab.loaded.tokenizer,
@@ -171,8 +173,11 @@ def oracle(
         shots.labels,
         options.tuning,
         seed=options.seed,
+        target=target,
     )
-    ceiling = _free_head(hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning)
+    ceiling = _free_head(
+        hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning, target
+    )
     target = shots.class_names.index(trigger.target or "")
     test_clean = encode_images(model, test.images, normalizer)
     test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)
@@ -192,12 +197,15 @@ def _free_head(
     triggered: torch.Tensor,
     scale: float,
     settings: TuningSettings,
+    target: int,
     steps: int = 1000,
 ) -> torch.Tensor:
     """A linear head fitted with CBPT's own tuning objective, no prompts."""
     weights = torch.nn.Parameter(hand.clone())
     optimizer = torch.optim.Adam([weights], lr=5e-3)
-    objective = TuningObjective(scale, hand, clean, labels, triggered, labels, settings)
+    objective = TuningObjective(
+        scale, hand, clean, labels, triggered, labels, settings, target=target
+    )
     for _ in range(steps):
         loss = objective(F.normalize(weights, dim=1))
         optimizer.zero_grad()
@@ -265,6 +273,20 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
     console.print(table)
 
 
+def _accuracy_by_side(report: dict[str, Any], target: str) -> dict[str, list[float]]:
+    """Accuracy on the target class's clean images, and the mean per-class accuracy of the
+    others, before and after: where the clean accuracy that tuning costs is lost."""
+    per_class = report["per_class_accuracy"]
+    row = per_class["classes"].index(target)
+    sides: dict[str, list[float]] = {"target_accuracy": [], "others_accuracy": []}
+    for when in ("before", "after"):
+        values = per_class[when]
+        others = values[:row] + values[row + 1 :]
+        sides["target_accuracy"].append(round(values[row], 6))
+        sides["others_accuracy"].append(round(sum(others) / len(others), 6))
+    return sides
+
+
 def _print_means(console: Console, rows: list[dict[str, Any]]) -> None:
     """CBPT over the backdoored models: the figures the targets are stated in."""
     attacked = [r for r in rows if r["defence"] == "cbpt" and r["model"] != "clean"]
@@ -274,6 +296,12 @@ def _print_means(console: Console, rows: list[dict[str, Any]]) -> None:
         console.print(
             f"CBPT on {len(attacked)} backdoored runs: ASR after mean {sum(asr) / len(asr):.3f}, "
             f"max {max(asr):.3f}; CA drop mean {sum(drop) / len(drop):.3f}, max {max(drop):.3f}"
+        )
+        target = [r["target_accuracy"][0] - r["target_accuracy"][1] for r in attacked]
+        others = [r["others_accuracy"][0] - r["others_accuracy"][1] for r in attacked]
+        console.print(
+            f"  accuracy drop, mean: the target class {sum(target) / len(target):.3f}, "
+            f"the other classes (mean per class) {sum(others) / len(others):.3f}"
         )
 
 

@@ -111,3 +111,44 @@ def test_shift_scales_extrapolate_each_triggered_feature_from_its_clean_image() 
 def test_shift_scales_must_be_positive_and_bounded(scales: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="shift"):
         TuningSettings(shift_scales=scales)
+
+
+def test_target_clean_weight_scales_the_target_class_clean_terms_only() -> None:
+    """Each clean image's distillation and cross-entropy count once, the suspected target's
+    ``target_clean_weight`` times, over the same denominator: the other classes keep their
+    pull and the triggered and regulariser terms are untouched."""
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    triggered = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    hand = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    scale = 10.0
+    teacher = torch.softmax(scale * clean @ hand.T, dim=1)
+    log_p = torch.log_softmax(scale * clean @ text.T, dim=1)
+    distill = -(teacher * log_p).sum(dim=1)
+    cross_entropy = -log_p.gather(1, labels[:, None]).squeeze(1)
+
+    def loss(weight: float, target: int | None, **terms: float) -> torch.Tensor:
+        settings = TuningSettings(target_clean_weight=weight, **terms)  # type: ignore[arg-type]
+        objective = TuningObjective(
+            scale, hand, clean, labels, triggered, labels, settings, target=target
+        )
+        return objective(text)
+
+    only_clean = {"backdoor_weight": 0.0, "regularizer_weight": 0.0}
+    weights = torch.where(labels == 2, 3.0, 1.0)
+    torch.testing.assert_close(loss(3.0, 2, **only_clean), (weights * distill).mean())
+    torch.testing.assert_close(
+        loss(3.0, 2, clean_weight=1.0, distill_weight=0.0, **only_clean),
+        (weights * cross_entropy).mean(),
+    )
+    torch.testing.assert_close(loss(3.0, None, **only_clean), distill.mean())
+    backdoor_and_regulariser = loss(3.0, 2) - loss(3.0, 2, **only_clean)
+    torch.testing.assert_close(backdoor_and_regulariser, loss(1.0, 2) - loss(1.0, 2, **only_clean))
+
+
+@pytest.mark.parametrize("weight", [-0.5, 101.0])
+def test_target_clean_weight_is_bounded(weight: float) -> None:
+    with pytest.raises(ValueError, match="target_clean_weight"):
+        TuningSettings(target_clean_weight=weight)

@@ -554,6 +554,7 @@ def _tune_in_rounds(
             view_labels.repeat(len(triggers)),
             options.tuning,
             seed=options.seed,
+            target=target,
             should_cancel=should_cancel,
             progress=_round_progress(progress, round_index, options.rounds + 1),
         )
