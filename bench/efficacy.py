@@ -161,7 +161,7 @@ def oracle(
     model, normalizer, shots, test, hand = lab.model, lab.normalizer, lab.shots, lab.test, lab.hand
     clean = encode_images(model, shots.images, normalizer)
     triggered = encode_images(model, shots.images, normalizer, transform=trigger.apply)
-    target = lab.backdoor()[1]
+    target = shots.class_names.index(trigger.target or "")
     tuned = tune_prompts(
         model,
         lab.loaded.tokenizer,
@@ -178,7 +178,6 @@ def oracle(
     ceiling = _free_head(
         hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning, target
     )
-    target = shots.class_names.index(trigger.target or "")
     test_clean = encode_images(model, test.images, normalizer)
     test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)
 
