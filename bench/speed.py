@@ -36,14 +36,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.attacks import BadNets, parse_attack
-from worker.cbpt.checkpoint import load_checkpoint
-from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.precision import Precision, autocast
 from worker.cbpt.prompts import ClassPrompts, encode_prompts
 from worker.cbpt.purify import PurifyOptions, purify
-from worker.cbpt.zeroshot import Normalizer, encode_images
+from worker.cbpt.zeroshot import encode_images
 from worker.lab.datasets import default_dataset, load_dataset
 from worker.lab.export import preprocess_cfg, write_hub_checkpoint, write_image_archive, write_json
+from worker.lab.folder import open_lab_folder
 from worker.lab.make import LabSettings, few_shot_indices, make_lab_model
 
 
@@ -120,7 +119,8 @@ def main() -> int:
 
 
 def _random_subject(arch: str, directory: Path, shots: int) -> None:
-    """A hub folder of ``arch`` with random weights, digits shots at its size, a BadNets spec."""
+    """A lab folder of ``arch``: random weights, digits shots and test split at its size, and a
+    BadNets spec, so the stage-2 timing opens it as it opens any lab model."""
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)
     size = model.visual.image_size
@@ -136,6 +136,13 @@ def _random_subject(arch: str, directory: Path, shots: int) -> None:
         digits.folders,
         digits.classes,
     )
+    write_image_archive(
+        directory / "test.zip",
+        digits.test.images,
+        digits.test.labels,
+        digits.folders,
+        digits.classes,
+    )
     spec = BadNets(target=digits.classes[0], seed=0, size=0.125, cells=4)
     write_json(directory / "attack.json", spec.model_dump(mode="json"))
 
@@ -144,16 +151,14 @@ def _stage_two_epochs(
     subject: Path, epochs: int, device: torch.device, precision: Precision
 ) -> tuple[float, float]:
     """One epoch = one full-batch step over the tuning images, clean and triggered views."""
-    loaded = load_checkpoint(subject, device=device)
-    model = loaded.model
-    normalizer = Normalizer(loaded.preprocess.mean, loaded.preprocess.std)
-    shots = read_image_set(subject / "fewshot.zip", loaded.preprocess.size)
-    pixels = (shots.images.float() / 255).to(device)
-    trigger = parse_attack((subject / "attack.json").read_bytes())
-    prompts = ClassPrompts(model, loaded.tokenizer, shots.class_names).to(device)
+    lab = open_lab_folder(subject, device=device)
+    model = lab.model
+    pixels = (lab.shots.images.float() / 255).to(device)
+    trigger, _ = lab.backdoor()
+    prompts = ClassPrompts(model, lab.loaded.tokenizer, lab.class_names).to(device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=5e-3)
     scale = model.logit_scale.exp().detach()
-    labels = torch.cat([shots.labels, shots.labels]).to(device)
+    labels = torch.cat([lab.shots.labels, lab.shots.labels]).to(device)
 
     def step(features: torch.Tensor) -> None:
         text = encode_prompts(model, prompts(), prompts.tokens)
@@ -163,8 +168,8 @@ def _stage_two_epochs(
         optimizer.step()
 
     def features_now() -> torch.Tensor:
-        clean = encode_images(model, pixels, normalizer)
-        triggered = encode_images(model, pixels, normalizer, transform=trigger.apply)
+        clean = encode_images(model, pixels, lab.normalizer)
+        triggered = encode_images(model, pixels, lab.normalizer, transform=trigger.apply)
         return torch.cat([clean, triggered])
 
     def seconds_per_epoch(features: Callable[[], torch.Tensor]) -> float:
