@@ -20,11 +20,10 @@ the real target, none for a clean model) and point ``--lab`` at them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -106,7 +105,7 @@ def main() -> int:
     console.print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     records = [
-        {"model": name, "seed": seed, "draws": [dataclasses.asdict(d) for d in draws]}
+        {"model": name, "seed": seed, "draws": [asdict(d) for d in draws]}
         for name, seed, draws in runs
     ]
     args.out.write_text(json.dumps(records, indent=2) + "\n")
