@@ -36,14 +36,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import BadNets, parse_attack
+from worker.cbpt.attacks import AttackSpec, BadNets, parse_attack
+from worker.cbpt.checkpoint import load_checkpoint
+from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.precision import Precision, autocast
 from worker.cbpt.prompts import ClassPrompts, encode_prompts
 from worker.cbpt.purify import PurifyOptions, purify
-from worker.cbpt.zeroshot import encode_images
+from worker.cbpt.zeroshot import Normalizer, encode_images
 from worker.lab.datasets import default_dataset, load_dataset
 from worker.lab.export import preprocess_cfg, write_hub_checkpoint, write_image_archive, write_json
-from worker.lab.folder import open_lab_folder
 from worker.lab.make import LabSettings, few_shot_indices, make_lab_model
 
 
@@ -109,7 +110,9 @@ def main() -> int:
         )
 
         device = torch.device(runtime["device"])
-        cached, recomputed = _stage_two_epochs(subject, args.epochs, device, runtime["precision"])
+        cached, recomputed = _stage_two_epochs(
+            subject, trigger, args.epochs, device, runtime["precision"]
+        )
     table = Table(title=f"stage 2, seconds per epoch (median of {args.epochs})")
     for column in ("image features", "s / epoch", "speed-up"):
         table.add_column(column, justify="right")
@@ -120,8 +123,7 @@ def main() -> int:
 
 
 def _random_subject(arch: str, directory: Path, shots: int) -> None:
-    """A lab folder of ``arch``: random weights, digits shots and test split at its size, and a
-    BadNets spec, so the stage-2 timing opens it as it opens any lab model."""
+    """A hub folder of ``arch`` with random weights, digits shots at its size, a BadNets spec."""
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)
     size = model.visual.image_size
@@ -137,29 +139,29 @@ def _random_subject(arch: str, directory: Path, shots: int) -> None:
         digits.folders,
         digits.classes,
     )
-    write_image_archive(
-        directory / "test.zip",
-        digits.test.images,
-        digits.test.labels,
-        digits.folders,
-        digits.classes,
-    )
     spec = BadNets(target=digits.classes[0], seed=0, size=0.125, cells=4)
     write_json(directory / "attack.json", spec.model_dump(mode="json"))
 
 
 def _stage_two_epochs(
-    subject: Path, epochs: int, device: torch.device, precision: Precision
+    subject: Path, trigger: AttackSpec, epochs: int, device: torch.device, precision: Precision
 ) -> tuple[float, float]:
-    """One epoch = one full-batch step over the tuning images, clean and triggered views."""
-    lab = open_lab_folder(subject, device=device)
-    model = lab.model
-    pixels = (lab.shots.images.float() / 255).to(device)
-    trigger, _ = lab.backdoor()
-    prompts = ClassPrompts(model, lab.loaded.tokenizer, lab.class_names).to(device)
+    """One epoch = one full-batch step over the tuning images, clean and triggered views.
+
+    Only the checkpoint and the shots are read, decoded as a job decodes them: a lab folder's
+    test split and zero-shot head (``open_lab_folder``) would be work this timing never uses.
+    """
+    loaded = load_checkpoint(subject, device=device)
+    model, preprocess = loaded.model, loaded.preprocess
+    normalizer = Normalizer(preprocess.mean, preprocess.std)
+    shots = read_image_set(
+        subject / "fewshot.zip", preprocess.size, interpolation=preprocess.interpolation
+    )
+    pixels = (shots.images.float() / 255).to(device)
+    prompts = ClassPrompts(model, loaded.tokenizer, shots.class_names).to(device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=5e-3)
     scale = model.logit_scale.exp().detach()
-    labels = torch.cat([lab.shots.labels, lab.shots.labels]).to(device)
+    labels = torch.cat([shots.labels, shots.labels]).to(device)
 
     def step(features: torch.Tensor) -> None:
         text = encode_prompts(model, prompts(), prompts.tokens)
@@ -169,8 +171,8 @@ def _stage_two_epochs(
         optimizer.step()
 
     def features_now() -> torch.Tensor:
-        clean = encode_images(model, pixels, lab.normalizer)
-        triggered = encode_images(model, pixels, lab.normalizer, transform=trigger.apply)
+        clean = encode_images(model, pixels, normalizer)
+        triggered = encode_images(model, pixels, normalizer, transform=trigger.apply)
         return torch.cat([clean, triggered])
 
     def seconds_per_epoch(features: Callable[[], torch.Tensor]) -> float:
