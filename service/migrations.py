@@ -12,8 +12,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
 
 from service.db import engine_for
+from service.settings import Settings
+
+
+class SchemaNotReadyError(RuntimeError):
+    """The database is not at the schema this code needs; the message names the fix."""
 
 
 def script_location() -> Path:
@@ -43,3 +49,24 @@ def current_revision(database_url: str) -> str | None:
 
 def head_revision(database_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+
+
+def ensure_schema(settings: Settings) -> None:
+    """Makes sure the database is at the head revision before a command touches it.
+
+    The embedded SQLite database belongs to this process's data dir, so it is created and
+    upgraded here, as ``serve`` does; a fresh data dir then works with any command. An external
+    database is shared by replicas and upgraded as its own step, so it is only checked, and
+    ``SchemaNotReadyError`` names ``antidote db upgrade``.
+    """
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database)
+        return
+    current, head = current_revision(settings.database), head_revision(settings.database)
+    if current != head:
+        where = make_url(settings.database).render_as_string(hide_password=True)
+        raise SchemaNotReadyError(
+            f"the database at {where} is at schema revision {current or 'none'}, not {head}: "
+            "run `antidote db upgrade` first"
+        )

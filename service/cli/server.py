@@ -45,6 +45,8 @@ def serve(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate if migrate is not None else settings.database_url is None:
         upgrade(settings.database)
+    else:
+        _schema_ready()
     supervisor = None if api_only else WorkerSupervisor()
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
@@ -103,6 +105,17 @@ def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
             worker.wait()
 
 
+def _schema_ready() -> None:
+    """Migrates the embedded database, or checks an external one; one line and exit 1 if not."""
+    from service.migrations import SchemaNotReadyError, ensure_schema
+
+    try:
+        ensure_schema(get_settings())
+    except SchemaNotReadyError as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
@@ -132,6 +145,7 @@ def keys_create(
     from service.auth import create_key
     from service.db import session_factory, transaction
 
+    _schema_ready()
     try:
         with transaction(session_factory(get_settings().database)) as session:
             issued = create_key(session, tenant)
@@ -148,6 +162,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (key_...)
     from service.auth import revoke_key
     from service.db import session_factory, transaction
 
+    _schema_ready()
     with transaction(session_factory(get_settings().database)) as session:
         done = revoke_key(session, key_id)
     if not done:
@@ -164,6 +179,7 @@ def keys_list(
     from service.auth import list_keys
     from service.db import session_factory
 
+    _schema_ready()
     with session_factory(get_settings().database)() as session:
         for key in list_keys(session, tenant):
             state = "revoked" if key.revoke_time else "active"
