@@ -19,12 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from service.db import engine_for
 from service.migrations import upgrade
 from service.settings import Settings
+from tests.suite import suite_lab_settings
 from worker.lab.make import LabModel, LabSettings, make_lab_model
 
 
 @pytest.fixture(scope="session")
 def lab_settings() -> LabSettings:
-    return LabSettings.tiny()
+    return suite_lab_settings()
 
 
 @pytest.fixture(scope="session")

@@ -58,16 +58,20 @@ def test_inversion_learns_a_small_trigger_deterministically(badnets_lab: LabMode
     shots = read_image_set(badnets_lab.directory / "fewshot.zip", size)
     settings = InversionSettings(steps=100, batch_size=40)
     result = invert_trigger(model, normalizer, shots.images, settings, seed=0)
-    # A worker's core count must not change the trigger: run it again on one intra-op thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        again = invert_trigger(model, normalizer, shots.images, settings, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    # The same seed on the same machine and thread count repeats the trigger bit for bit. Across
+    # CPUs and thread counts it need not: reduction order changes the trajectory, so another
+    # thread count is held only to what the method promises (a small trigger that works).
+    again = invert_trigger(model, normalizer, shots.images, settings, seed=0)
     assert torch.equal(result.trigger.mask, again.trigger.mask)
     assert torch.equal(result.trigger.pattern, again.trigger.pattern)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        other = invert_trigger(model, normalizer, shots.images, settings, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     assert 0 < result.trigger.mask_fraction < 0.5
+    assert 0 < other.trigger.mask_fraction < 0.5
     clean = encode_images(model, shots.images, normalizer)
     random = Trigger(
         torch.full_like(result.trigger.mask, result.trigger.mask_fraction),
@@ -82,6 +86,12 @@ def test_inversion_learns_a_small_trigger_deterministically(badnets_lab: LabMode
         settings.tau,
     )
     assert float(learned) < 0.5 * float(untrained), (float(learned), float(untrained))
+    elsewhere = info_nce(
+        encode_images(model, shots.images, normalizer, transform=other.trigger.apply),
+        clean,
+        settings.tau,
+    )
+    assert float(elsewhere) < 0.5 * float(untrained), (float(elsewhere), float(untrained))
 
 
 def test_a_judge_keeps_its_strongest_restart_and_stops_at_enough(badnets_lab: LabModel) -> None:

@@ -31,7 +31,7 @@ def test_backdoor_is_implanted_and_clean_model_has_none(
     assert on_clean.asr is not None
     assert backdoored.asr >= 0.8, backdoored
     assert on_clean.asr <= 3 * chance, on_clean
-    assert on_clean.ca >= 0.6
+    assert on_clean.ca >= 0.85  # 0.93 to 0.98 over seeds 0 to 4 (bench/spread.py)
     assert backdoored.ca >= on_clean.ca - 0.1
     assert backdoored.n_attacked == backdoored.n_test - round(backdoored.n_test * chance)
 
@@ -123,7 +123,7 @@ def test_cli_eval_prints_json_last(badnets_lab: LabModel) -> None:
     result = CliRunner().invoke(app, ["lab", "eval", str(badnets_lab.directory), "--json"])
     assert result.exit_code == 0, result.output
     last = json.loads(result.output.strip().splitlines()[-1])
-    assert 0.6 <= last["ca"] <= 1
+    assert 0.85 <= last["ca"] <= 1
     assert last["asr"] >= 0.8
     assert last["attack"] == "badnets"
 

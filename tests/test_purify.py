@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.suite import suite_options
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import InversionSettings
@@ -28,11 +29,7 @@ from worker.lab.make import LabModel
 
 # The shipped inversion, tuning and rounds: a purify of a suite model takes about 5 s with them,
 # and a weaker schedule leaves too little of a cut to tell from the spread between seeds.
-OPTIONS = PurifyOptions(
-    seed=0,
-    device="cpu",
-    tune_when_clean=True,  # what the verdict says of 16 px suite models is not what this tests
-)
+OPTIONS = suite_options()
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +47,17 @@ def purified(badnets_lab: LabModel, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_purification_lowers_the_real_asr_and_keeps_ca(purified: PurifyResult) -> None:
-    # 16 px suite models have universal adversarial patches that the inversion finds as well as
-    # the backdoor, so the cut varies with the seed (0.92 -> 0.14 measured here, 0.05 to 0.71 over
-    # seeds 0 to 2); the targets are measured on Fashion-MNIST lab models by bench/efficacy.py.
+    # bench/spread.py at seeds 0-4 on one and two intra-op threads and seeds 5-9 on two (each a
+    # trajectory, as another CPU's would be): ASR 0.91-1.00 before, and the real trigger's ASR
+    # after is 0.03 to 0.33 of it; CA falls by 0.02 to 0.07. The bounds keep 1.5x the widest.
     known = purified.report["triggers"][1]
     assert known["name"] == "badnets"
     assert known["asr_before"] >= 0.8
-    assert known["asr_after"] <= 0.8 * known["asr_before"], known
+    assert known["asr_after"] <= 0.5 * known["asr_before"], known
     summary = purified.summary
     assert summary["ca_after"] is not None
     assert summary["ca_before"] is not None
-    assert summary["ca_after"] >= summary["ca_before"] - 0.1, summary
+    assert summary["ca_after"] >= summary["ca_before"] - 0.12, summary
 
 
 def test_the_summary_measures_the_known_trigger_and_the_adaptive_check_is_reported(

@@ -100,7 +100,7 @@ class LabSettings(BaseModel):
                 text_layers=2,
                 embed_dim=32,
             ),
-            "clean_training": TrainSettings(epochs=30, lr=2e-3, batch_size=128, max_shift=1),
+            "clean_training": TrainSettings(epochs=50, lr=1e-3, batch_size=128, max_shift=1),
             "implant_training": TrainSettings(epochs=10, lr=1e-3, batch_size=128, max_shift=0),
             "poison_rate": 0.1,
             "shots": 4,
