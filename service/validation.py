@@ -30,6 +30,13 @@ from worker.cbpt.archives import (
     open_archive,
     refuse_many_zip_members,
 )
+from worker.cbpt.formats import (
+    HEAD_BYTES,
+    SAFETENSORS_MAX_HEADER,
+    looks_like_pickle,
+    looks_like_safetensors,
+    zip_weights_format,
+)
 from worker.cbpt.layout import (
     CHECKPOINT_ARCHIVE_LIMITS,
     CLASSES_FILE,
@@ -42,7 +49,6 @@ from worker.cbpt.layout import (
 
 # Checkpoints -----------------------------------------------------------------------------------
 
-SAFETENSORS_MAX_HEADER = 100 * 1024**2
 """The safetensors library refuses larger headers, so the worker would too."""
 
 SAFETENSORS_ITEMSIZE: Mapping[str, int] = {
@@ -123,7 +129,7 @@ def check_checkpoint(path: Path, limits: ArchiveLimits | None = None) -> Checkpo
     try:
         size = path.stat().st_size
         with path.open("rb") as stream:
-            head = stream.read(16)
+            head = stream.read(HEAD_BYTES)
         archive = is_archive(path)
     except OSError as exc:
         raise InputError("CHECKPOINT_FORMAT_UNSUPPORTED", f"cannot read the file: {exc}") from exc
@@ -131,9 +137,9 @@ def check_checkpoint(path: Path, limits: ArchiveLimits | None = None) -> Checkpo
         raise InputError("CHECKPOINT_EMPTY", "the checkpoint file is empty")
     if archive:
         return _check_checkpoint_archive(path, head, size, limits or CHECKPOINT_ARCHIVE_LIMITS)
-    if len(head) >= 9 and head[8:9] == b"{":
+    if looks_like_safetensors(head):
         return CheckpointInfo("safetensors", size, _check_safetensors(path, size))
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if looks_like_pickle(head):
         # Only the worker may open it, and only with torch.load(weights_only=True).
         return CheckpointInfo("pickle", size, None)
     raise InputError(
@@ -255,14 +261,14 @@ def _check_checkpoint_archive(
             raise InputError(
                 "CHECKPOINT_FORMAT_UNSUPPORTED", f"cannot read the zip directory: {exc}"
             ) from exc
-        if any(_is_torchscript_member(n) for n in names):
+        kind = zip_weights_format(names, head)
+        if kind == "torchscript":
             raise InputError(
                 "CHECKPOINT_TORCHSCRIPT",
                 "TorchScript archives carry code and are refused; save model.state_dict() "
                 "to safetensors instead",
             )
-        # torch.load only reads a zip that starts with a local header, so the worker does too.
-        if head.startswith(b"PK\x03\x04") and any(n.endswith("/data.pkl") for n in names):
+        if kind == "torch-zip":
             return CheckpointInfo("torch-zip", size, None)
     try:
         with open_archive(path, limits) as bundle:
@@ -272,10 +278,6 @@ def _check_checkpoint_archive(
             "CHECKPOINT_FORMAT_UNSUPPORTED", f"checkpoint archive refused: {exc}"
         ) from exc
     return CheckpointInfo("archive", size, None)
-
-
-def _is_torchscript_member(name: str) -> bool:
-    return "/code/" in name or name.startswith("code/") or name.endswith("constants.pkl")
 
 
 def _check_hub_layout(members: list[Member]) -> None:

@@ -22,9 +22,9 @@ from worker.cbpt.checkpoint import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
     load_checkpoint,
-    sniff_format,
     state_dict_sha256,
 )
+from worker.cbpt.formats import sniff_weights
 from worker.lab.architecture import TinyClipConfig, build_model
 
 CONFIG = TinyClipConfig(
@@ -92,7 +92,7 @@ def test_state_dict_file_with_wrapper_and_module_prefix(
     path = tmp_path / "ckpt.pt"
     wrapped = {"epoch": 3, "state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items())}
     torch.save(wrapped, path)
-    assert sniff_format(path) == "torch-zip"
+    assert sniff_weights(path) == "torch-zip"
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG.model_cfg()))
     loaded = load_checkpoint(path, config)
@@ -157,7 +157,7 @@ def test_pickle_with_globals_is_refused_and_not_run(tmp_path: Path) -> None:
 def test_legacy_pickle_with_globals_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"payload": _Exploit()}, protocol=2))
-    assert sniff_format(path) == "pickle"
+    assert sniff_weights(path) == "pickle"
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint(path, CONFIG.model_cfg())
 
@@ -165,9 +165,26 @@ def test_legacy_pickle_with_globals_is_refused(tmp_path: Path) -> None:
 def test_torchscript_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
-    assert sniff_format(path) == "torchscript"
+    assert sniff_weights(path) == "torchscript"
     with pytest.raises(UnsafeCheckpointError, match="TorchScript"):
         load_checkpoint(path, CONFIG.model_cfg())
+
+
+def test_the_api_and_the_loader_judge_a_torch_zip_by_one_rule(tmp_path: Path) -> None:
+    """A zip with TorchScript code at its top level and a data.pkl is refused by both; the
+    loader once called it a state dict, because its rule only looked for code in a folder."""
+    from service.validation import InputError, check_checkpoint
+
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        archive.writestr("code/__torch__.py", "def forward(self): ...")
+    assert sniff_weights(path) == "torchscript"
+    with pytest.raises(UnsafeCheckpointError, match="TorchScript"):
+        load_checkpoint(path, CONFIG.model_cfg())
+    with pytest.raises(InputError) as refused:
+        check_checkpoint(path)
+    assert refused.value.code == "CHECKPOINT_TORCHSCRIPT"
 
 
 @pytest.mark.parametrize("payload", [b"", b"hello world, not weights", b"\x00" * 64])

@@ -17,9 +17,7 @@ import hashlib
 import json
 import os
 import pickle
-import struct
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from worker.cbpt.archives import ArchiveError, is_archive, open_archive
+from worker.cbpt.formats import sniff_weights
 from worker.cbpt.layout import (
     CHECKPOINT_ARCHIVE_LIMITS,
     HUB_CONFIG,
@@ -81,35 +80,11 @@ class LoadedCheckpoint:
     sha256: str  # fingerprint of the weights themselves, whatever file they came in
 
 
-def sniff_format(path: Path) -> str:
-    """``safetensors``, ``torchscript``, ``torch-zip``, ``pickle`` or ``unknown``, from bytes.
-
-    Reads headers only (no unpickling), so the API can refuse a file before queueing a job.
-    """
-    with path.open("rb") as stream:
-        head = stream.read(16)
-    if len(head) >= 9:
-        (header_length,) = struct.unpack("<Q", head[:8])
-        if 2 <= header_length <= 100 * 1024**2 and head[8:9] == b"{":
-            return "safetensors"
-    if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
-        if any(n.endswith("/data.pkl") for n in names):
-            return "torch-zip"
-        return "unknown"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    return "unknown"
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads tensors from a weights file without executing anything it holds."""
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         raise UnsafeCheckpointError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: refusing to load")
-    kind = sniff_format(path)
+    kind = sniff_weights(path)
     if kind == "torchscript":
         raise UnsafeCheckpointError(
             "TorchScript archives carry code and are refused; export the state dict "
@@ -153,7 +128,7 @@ def load_checkpoint(
         raise UnsupportedFormatError(f"{weights} does not exist")
     if weights.is_dir():
         return _load_hub_folder(weights, architecture, device)
-    if is_archive(weights) and sniff_format(weights) not in ("torch-zip", "torchscript"):
+    if is_archive(weights) and sniff_weights(weights) not in ("torch-zip", "torchscript"):
         with tempfile.TemporaryDirectory(prefix="antidote-ckpt-") as scratch:
             try:
                 with open_archive(weights, CHECKPOINT_ARCHIVE_LIMITS) as archive:
