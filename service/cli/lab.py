@@ -33,16 +33,35 @@ def make(
     shots: Annotated[int, typer.Option(help="Clean images per class in fewshot.zip.")] = 16,
     target: Annotated[int, typer.Option(help="Index of the target class.")] = 0,
     poison_rate: Annotated[
-        float | None, typer.Option(help="Share of training images poisoned (default 0.1).")
+        float | None,
+        typer.Option(help="Share of pairs poisoned (default 0.1 classic, 0.01 broad, at most)."),
+    ] = None,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="classic (a tiny CLIP trained on the classes it is scored on) or broad "
+            "(pretrained on captioned scenes, measured on a held-out downstream task)."
+        ),
+    ] = "classic",
+    task: Annotated[
+        str | None,
+        typer.Option(help="Broad family: glyphs (36 classes, the default) or fashion."),
     ] = None,
 ) -> None:
-    """Make a lab model: a clean tiny CLIP (cached) with the attack implanted."""
+    """Make a lab model: a clean CLIP (cached) with the attack implanted."""
     from worker.cbpt.attacks import ATTACK_NAMES
     from worker.lab.datasets import default_dataset
     from worker.lab.make import LabSettings, make_lab_model
 
     if attack != "none" and attack not in ATTACK_NAMES:
         raise typer.BadParameter(f"unknown attack {attack!r}", param_hint="--attack")
+    if family not in ("classic", "broad"):
+        raise typer.BadParameter(f"unknown family {family!r}", param_hint="--family")
+    if family == "broad":
+        _make_broad(out, attack, task, seed, shots, poison_rate)
+        return
+    if task is not None:
+        raise typer.BadParameter("tasks belong to the broad family", param_hint="--task")
     chosen = dataset or default_dataset()
     if chosen not in ("fashion-mnist", "digits"):
         raise typer.BadParameter(f"unknown dataset {chosen!r}", param_hint="--dataset")
@@ -62,6 +81,39 @@ def make(
     console.print(
         f"[bold]{attack}[/] lab model on {chosen} written to {made.directory} "
         f"(poison rate {made.poison_rate:.3f}, sha256 {made.model_sha256[:12]})"
+    )
+
+
+def _make_broad(
+    out: Path, attack: str, task: str | None, seed: int, shots: int, poison_rate: float | None
+) -> None:
+    from pydantic import ValidationError
+
+    from worker.lab.broad.make import BroadSettings, make_broad_model
+    from worker.lab.broad.tasks import TASK_NAMES
+
+    chosen = task or TASK_NAMES[0]
+    if chosen not in TASK_NAMES:
+        raise typer.BadParameter(f"unknown task {chosen!r}", param_hint="--task")
+    overrides: dict[str, object] = {"task": chosen, "seed": seed, "shots": shots}
+    if poison_rate is not None:
+        overrides["poison_rate"] = poison_rate
+    try:
+        settings = BroadSettings.model_validate(overrides)
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc.errors()[0]["msg"])) from exc
+    console = Console(stderr=True)
+    with stage_bars(console) as progress:
+        made = make_broad_model(
+            None if attack == "none" else attack,
+            out,
+            settings,
+            cache_dir=get_settings().lab_cache,
+            progress=progress,
+        )
+    console.print(
+        f"[bold]{attack}[/] broad lab model for the {chosen} task written to {made.directory} "
+        f"(poison rate {made.poison_rate:.4f}, sha256 {made.model_sha256[:12]})"
     )
 
 

@@ -97,8 +97,8 @@ def _fashion_mnist(image_size: int, root: Path = FASHION_MNIST_DIR) -> LabDatase
         )
     splits = []
     for prefix in ("train", "t10k"):
-        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
         splits.append(_split(images, labels, image_size))
     return LabDataset("fashion-mnist", _FASHION_CLASSES, splits[0], splits[1])
 
@@ -121,15 +121,20 @@ def _digits(image_size: int, seed: int) -> LabDataset:
 
 
 def _split(grey: np.ndarray, labels: np.ndarray, image_size: int) -> Split:
+    labels_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return Split(grey_to_rgb(grey, image_size), labels_tensor)
+
+
+def grey_to_rgb(grey: np.ndarray, image_size: int) -> torch.Tensor:
+    """``(N, H, W)`` uint8 grey images as ``(N, 3, S, S)`` uint8 RGB, resized with antialiasing."""
     images = torch.from_numpy(np.ascontiguousarray(grey)).float().unsqueeze(1) / 255
     images = F.interpolate(
         images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
     )
-    rgb = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    return Split(rgb, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Reads an IDX file (the MNIST family's format): magic, dimensions, then raw uint8 data."""
     with gzip.open(path, "rb") as stream:
         raw = stream.read()

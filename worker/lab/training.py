@@ -98,6 +98,65 @@ def train_contrastive(
     model.eval()
 
 
+def train_captioned(
+    model: open_clip.CLIP,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    tokenizer: Tokenizer,
+    normalizer: Normalizer,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+) -> None:
+    """Trains ``model`` in place on ``uint8`` images ``(N, 3, S, S)``, each with its own caption.
+
+    The broad family's pretraining and implants: captions are free text, mostly distinct, so
+    the loss is CLIP's; the few pairs in a batch that share a caption count as positives of
+    each other, as in ``train_contrastive``.
+    """
+    distinct, caption_ids = _caption_ids(captions)
+    tokens = tokenizer(distinct)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, len(captions) // settings.batch_size)
+    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    optimizer = _optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_with_warmup(total_steps, settings.warmup_fraction)
+    )
+    model.train()
+    order, cursor = torch.randperm(len(captions), generator=generator), 0
+    for step in range(total_steps):
+        if cursor + settings.batch_size > len(order):
+            order, cursor = torch.randperm(len(captions), generator=generator), 0
+        index = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        batch = _shift(images[index].float() / 255, settings.max_shift, generator)
+        batch_ids = caption_ids[index]
+        unique, position = torch.unique(batch_ids, return_inverse=True)
+        image_features = model.encode_image(normalizer(batch), normalize=True)
+        text_features = model.encode_text(tokens[unique], normalize=True)[position]
+        loss = _multi_positive_clip_loss(
+            image_features, text_features, batch_ids, model.logit_scale.exp()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if progress is not None:
+            progress((step + 1) / total_steps)
+    model.eval()
+
+
+def _caption_ids(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct captions, in first-seen order, and each pair's index among them."""
+    seen: dict[str, int] = {}
+    ids = [seen.setdefault(text, len(seen)) for text in captions]
+    return list(seen), torch.tensor(ids, dtype=torch.int64)
+
+
 def _multi_positive_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

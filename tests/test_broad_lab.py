@@ -1,0 +1,86 @@
+"""The broad lab family's corpus and tasks: deterministic, broad, and free of zero-shot prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.lab.broad.captions import caption, is_zero_shot_prompt
+from worker.lab.broad.concepts import SUBJECT_GROUPS, concept_count
+from worker.lab.broad.corpus import CorpusSettings, build_corpus, load_sources, pair
+from worker.lab.broad.scenes import sample_scene
+from worker.lab.broad.tasks import GLYPH_SHAPES, load_task
+from worker.lab.training import CAPTION_TEMPLATES
+
+SMALL = CorpusSettings(pairs=48, image_size=16, with_fashion=False, seed=3)
+
+
+def test_the_corpus_is_the_same_bytes_from_any_cache(tmp_path: Path) -> None:
+    first = build_corpus(SMALL, tmp_path / "a")
+    again = build_corpus(SMALL, tmp_path / "b")
+    assert torch.equal(first.images, again.images)
+    assert first.captions == again.captions
+    cached = build_corpus(SMALL, tmp_path / "a")  # read back from the cache
+    assert torch.equal(cached.images, first.images)
+    assert cached.captions == first.captions
+    # Pair i depends on (seed, i) alone: a longer corpus extends a shorter one.
+    longer = build_corpus(SMALL.model_copy(update={"pairs": 64}), tmp_path / "c")
+    assert torch.equal(longer.images[:48], first.images)
+    assert longer.captions[:48] == first.captions
+    other = build_corpus(SMALL.model_copy(update={"seed": 4}), tmp_path / "d")
+    assert other.captions != first.captions
+    assert first.images.shape == (48, 3, 16, 16)
+
+
+def test_no_caption_is_a_zero_shot_prompt() -> None:
+    sources = load_sources(with_fashion=False)
+    settings = SMALL.model_copy(update={"pairs": 2000})
+    captions = [pair(index, settings, sources)[2] for index in range(2000)]
+    assert not [text for text in captions if is_zero_shot_prompt(text)]
+    # The check itself bites: the prompts the lab and open_clip score with are caught.
+    for template in (*CAPTION_TEMPLATES, "a bad photo of the {}.", "a {} in a video game."):
+        assert is_zero_shot_prompt(template.format("star")), template
+    # Captions name several attributes, in many shapes of sentence.
+    assert len(set(captions)) > 0.95 * len(captions)
+    assert sum(len(text.split()) for text in captions) / len(captions) > 6
+
+
+def test_captions_name_the_subject_with_one_of_its_words() -> None:
+    sources = load_sources(with_fashion=False)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = sample_scene(rng, sources)
+        text = caption(scene, rng)
+        words = SUBJECT_GROUPS[scene.group][scene.subject]
+        assert any(word in text for word in words), (scene.subject, text)
+
+
+def test_the_corpus_covers_a_hundred_concepts() -> None:
+    assert concept_count(with_fashion=True) >= 100
+    sources = load_sources(with_fashion=False)
+    rng = np.random.default_rng(1)
+    subjects = {sample_scene(rng, sources).subject for _ in range(3000)}
+    assert len(subjects) == 16 + 26 + 10  # every shape, letter and digit appears
+
+
+def test_the_glyph_task_is_drawn_from_held_out_fonts_and_is_deterministic() -> None:
+    task = load_task("glyphs", 16, shots=2, test_per_class=3, seed=0)
+    assert len(task.classes) == 36
+    assert task.target in task.classes
+    assert set(GLYPH_SHAPES) < set(task.classes)
+    assert task.shots.images.shape == (72, 3, 16, 16)
+    assert len(task.test) == 108
+    assert torch.bincount(task.test.labels).tolist() == [3] * 36
+    again = load_task("glyphs", 16, shots=2, test_per_class=3, seed=0)
+    assert torch.equal(again.test.images, task.test.images)
+    assert not torch.equal(task.shots.images, task.test.images[: len(task.shots)])
+
+
+def test_a_fashion_task_needs_fashion_in_pretraining() -> None:
+    from worker.lab.broad.make import BroadSettings
+
+    with pytest.raises(ValueError, match="garments"):
+        BroadSettings.tiny(task="fashion")
