@@ -49,8 +49,6 @@ from worker.cbpt.layout import (
 
 # Checkpoints -----------------------------------------------------------------------------------
 
-"""The safetensors library refuses larger headers, so the worker would too."""
-
 SAFETENSORS_ITEMSIZE: Mapping[str, int] = {
     "F64": 8,
     "F32": 4,

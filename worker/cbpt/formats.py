@@ -16,6 +16,7 @@ from worker.cbpt.archives import ArchiveError, ArchiveLimits, refuse_many_zip_me
 
 WeightsFormat = Literal["safetensors", "torchscript", "torch-zip", "pickle", "unknown"]
 SAFETENSORS_MAX_HEADER = 100 * 1024**2
+"""The safetensors library refuses larger headers, so the worker would too."""
 _PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 HEAD_BYTES = 16
 
