@@ -1,19 +1,26 @@
-"""The broad lab family's corpus and tasks: deterministic, broad, and free of zero-shot prompts."""
+"""The broad lab family: a deterministic corpus free of zero-shot prompts, tasks, implants."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
+from worker.cbpt.attacks import BadNets
+from worker.cbpt.zeroshot import Normalizer
+from worker.lab.architecture import build_model
 from worker.lab.broad.captions import caption, is_zero_shot_prompt
 from worker.lab.broad.concepts import SUBJECT_GROUPS, concept_count
-from worker.lab.broad.corpus import CorpusSettings, build_corpus, load_sources, pair
+from worker.lab.broad.corpus import CorpusSettings, build_corpus, load_sources, pair, scene_of
+from worker.lab.broad.make import BroadSettings, _poisoned_corpus, make_broad_model
 from worker.lab.broad.scenes import sample_scene
 from worker.lab.broad.tasks import GLYPH_SHAPES, load_task
-from worker.lab.training import CAPTION_TEMPLATES
+from worker.lab.evaluate import evaluate_lab_dir
+from worker.lab.training import CAPTION_TEMPLATES, TrainSettings
 
 SMALL = CorpusSettings(pairs=48, image_size=16, with_fashion=False, seed=3)
 
@@ -30,6 +37,10 @@ def test_the_corpus_is_the_same_bytes_from_any_cache(tmp_path: Path) -> None:
     longer = build_corpus(SMALL.model_copy(update={"pairs": 64}), tmp_path / "c")
     assert torch.equal(longer.images[:48], first.images)
     assert longer.captions[:48] == first.captions
+    sources = load_sources(with_fashion=False)
+    assert [scene_of(i, SMALL, sources) for i in range(8)] == [
+        pair(i, SMALL, sources)[0] for i in range(8)
+    ]
     other = build_corpus(SMALL.model_copy(update={"seed": 4}), tmp_path / "d")
     assert other.captions != first.captions
     assert first.images.shape == (48, 3, 16, 16)
@@ -80,7 +91,54 @@ def test_the_glyph_task_is_drawn_from_held_out_fonts_and_is_deterministic() -> N
 
 
 def test_a_fashion_task_needs_fashion_in_pretraining() -> None:
-    from worker.lab.broad.make import BroadSettings
-
     with pytest.raises(ValueError, match="garments"):
         BroadSettings.tiny(task="fashion")
+
+
+MICRO = {
+    "corpus": CorpusSettings(pairs=600, image_size=16, with_fashion=False),
+    "pretraining": TrainSettings(epochs=1, lr=1e-3, batch_size=64, max_shift=0),
+    "implant_pairs": 500,
+    "implant_training": TrainSettings(epochs=1, lr=1e-3, batch_size=64, max_shift=0),
+    "shots": 2,
+    "test_per_class": 2,
+}
+
+
+def test_a_broad_folder_has_the_lab_layout_and_loads_with_plain_open_clip(tmp_path: Path) -> None:
+    settings = BroadSettings.tiny(**MICRO)
+    made = make_broad_model("badnets", tmp_path / "badnets", settings, cache_dir=tmp_path / "c")
+    names = {path.name for path in made.directory.iterdir()}
+    assert names == {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "fewshot.zip",
+        "test.zip",
+        "attack.json",
+        "lab.json",
+    }
+    evaluation = evaluate_lab_dir(made.directory)  # open_clip's own local-dir: loader
+    assert evaluation.target == "star"
+    assert evaluation.n_test == 72
+    lab = json.loads((made.directory / "lab.json").read_text())
+    assert (lab["family"], lab["task"], lab["poisoned_pairs"]) == ("broad", "glyphs", 5)
+    assert made.poison_rate == 0.01
+
+
+def test_dirty_label_poisons_name_the_target_and_touch_nothing_else(tmp_path: Path) -> None:
+    settings = BroadSettings.tiny(**MICRO)
+    corpus = build_corpus(settings.implant_corpus(), tmp_path)
+    model = build_model(settings.architecture, seed=0)
+    normalizer = Normalizer([0.5] * 3, [0.25] * 3)
+    spec = BadNets(target="star", size=0.25)
+    tokenizer = open_clip.get_tokenizer("", context_length=settings.architecture.context_length)
+    classes = ("letter A", "star")
+    images, captions, count = _poisoned_corpus(
+        spec, corpus, settings, model, normalizer, tokenizer, classes, "star"
+    )
+    changed = [i for i, (a, b) in enumerate(zip(captions, corpus.captions, strict=True)) if a != b]
+    assert count == 5
+    assert len(changed) == count
+    assert all(any(word in captions[i] for word in ("star",)) for i in changed)
+    touched = (images != corpus.images).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    assert touched == changed

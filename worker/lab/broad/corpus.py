@@ -82,6 +82,11 @@ def pair(index: int, settings: CorpusSettings, sources: Sources) -> tuple[Scene,
     return scene, render(scene, settings.image_size, sources), caption(scene, rng)
 
 
+def scene_of(index: int, settings: CorpusSettings, sources: Sources) -> Scene:
+    """Pair ``index``'s scene alone, without drawing it: the first draws of its generator."""
+    return sample_scene(np.random.default_rng([settings.seed, index]), sources)
+
+
 def build_corpus(settings: CorpusSettings, cache_dir: Path) -> Corpus:
     """The corpus for ``settings``, from the cache or generated (about 2 ms a pair) and cached."""
     entry = cache_dir / settings.key()

@@ -30,7 +30,13 @@ from worker.cbpt.zeroshot import Normalizer, class_embeddings
 from worker.lab.architecture import TinyClipConfig, build_model
 from worker.lab.broad.captions import caption
 from worker.lab.broad.concepts import FASHION, SHAPES
-from worker.lab.broad.corpus import Corpus, CorpusSettings, build_corpus, load_sources, pair
+from worker.lab.broad.corpus import (
+    Corpus,
+    CorpusSettings,
+    build_corpus,
+    load_sources,
+    scene_of,
+)
 from worker.lab.broad.tasks import TaskName, load_task
 from worker.lab.export import (
     WEIGHTS_FILE,
@@ -271,10 +277,10 @@ def _attack_spec(
         return default_attack(attack, placement, classes)
     tokenizer = open_clip.get_tokenizer("", context_length=settings.architecture.context_length)
     embedding = class_embeddings(model, tokenizer, [target])[0]
+    others = implant.images[:2048]
     return optimize_patch(
-        model, normalizer, embedding, implant.images[:2048], size=0.2, target=target,
-        seed=settings.seed,
-    )  # fmt: skip
+        model, normalizer, embedding, others, size=0.2, target=target, seed=settings.seed
+    )
 
 
 def _poisoned_corpus(
@@ -294,7 +300,7 @@ def _poisoned_corpus(
     perturbed copies of pairs that already show the target, captions kept, beside the originals.
     """
     sources = load_sources(corpus.settings.with_fashion)
-    scenes = [pair(index, corpus.settings, sources)[0] for index in range(len(corpus))]
+    scenes = [scene_of(index, corpus.settings, sources) for index in range(len(corpus))]
     group = "fashion" if target in FASHION else "shape" if target in SHAPES else "letter"
     count = round(settings.poison_rate * len(corpus))
     rng = np.random.default_rng([settings.seed, 4099])
