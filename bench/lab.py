@@ -7,6 +7,10 @@ Targets: clean CA >= 0.70; every attack ASR >= 0.90 with CA within 3 points of t
 each backdoored model made in <= 180 s; the same seed gives the same bytes (``--determinism``).
 
     .venv/bin/python bench/lab.py [--dataset fashion-mnist] [--attacks badnets,sig] [--determinism]
+
+``--family broad [--task glyphs|fashion]`` makes the broad family's models instead (pretrained
+on captioned scenes, poisoned through captions, measured on the downstream task), under
+``--out``/broad-TASK; ``--settings`` then overrides BroadSettings.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.cbpt.attacks import ATTACK_NAMES
 from worker.lab.datasets import default_dataset
 from worker.lab.evaluate import evaluate_lab_dir
-from worker.lab.make import LabSettings, make_lab_model
+from worker.lab.make import LabModel, LabSettings, make_lab_model
+
+OUT = Path("var/bench/lab")
 
 
 def main() -> int:
@@ -36,7 +44,7 @@ def main() -> int:
     parser.add_argument("--dataset", default=default_dataset())
     parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("var/bench/lab"))
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
     parser.add_argument("--determinism", action="store_true", help="make the first attack twice")
     parser.add_argument(
@@ -44,14 +52,16 @@ def main() -> int:
         default="{}",
         help='LabSettings as JSON over the defaults, e.g. \'{"architecture": {"embed_dim": 128}}\'',
     )
+    parser.add_argument("--family", choices=("classic", "broad"), default="classic")
+    parser.add_argument("--task", default="glyphs", help="the broad family's downstream task")
     args = parser.parse_args()
     overrides = json.loads(args.settings)
-    settings = LabSettings.model_validate({"dataset": args.dataset, "seed": args.seed, **overrides})
+    make, title = _maker(args, overrides)
     console = Console(width=132)
     rows = []
 
     started = time.perf_counter()
-    clean = make_lab_model(None, args.out / "clean", settings, cache_dir=args.cache)
+    clean = make(None, "clean")
     clean_seconds = time.perf_counter() - started
     clean_eval = evaluate_lab_dir(clean.directory)
     rows.append(
@@ -68,7 +78,7 @@ def main() -> int:
 
     for name in [a for a in args.attacks.split(",") if a]:
         started = time.perf_counter()
-        made = make_lab_model(name, args.out / name, settings, cache_dir=args.cache)
+        made = make(name, name)
         seconds = time.perf_counter() - started
         result = evaluate_lab_dir(made.directory)
         on_clean = evaluate_lab_dir(clean.directory, attack=made.attack)
@@ -85,7 +95,7 @@ def main() -> int:
         )
         console.print(f"{name}: CA {result.ca:.3f} ASR {result.asr:.3f} in {seconds:.0f} s")
 
-    table = Table(title=f"lab models: {args.dataset}, seed {args.seed}")
+    table = Table(title=f"lab models: {title}, seed {args.seed}")
     for column in (
         "attack",
         "CA",
@@ -110,7 +120,7 @@ def main() -> int:
 
     if args.determinism and len(rows) > 1:
         name = rows[1]["attack"]
-        again = make_lab_model(name, args.out / f"{name}-again", settings, cache_dir=args.cache)
+        again = make(name, f"{name}-again")
         same = again.model_sha256 == rows[1]["sha256"]
         console.print(f"determinism: {name} made twice -> {'same' if same else 'DIFFERENT'} bytes")
         shutil.rmtree(again.directory)
@@ -118,6 +128,28 @@ def main() -> int:
             return 1
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def _maker(
+    args: argparse.Namespace, overrides: dict[str, Any]
+) -> tuple[Callable[[str | None, str], LabModel], str]:
+    """``make(attack, folder name)`` for the chosen family, and the table's title."""
+    if args.family == "broad":
+        from worker.lab.broad.make import BroadSettings, make_broad_model
+
+        broad = BroadSettings.model_validate({"task": args.task, "seed": args.seed, **overrides})
+        out = args.out.parent / f"broad-{args.task}" if args.out == OUT else args.out
+
+        def make_broad(attack: str | None, folder: str) -> LabModel:
+            return make_broad_model(attack, out / folder, broad, cache_dir=args.cache)
+
+        return make_broad, f"broad family, {args.task} task"
+    settings = LabSettings.model_validate({"dataset": args.dataset, "seed": args.seed, **overrides})
+
+    def make_classic(attack: str | None, folder: str) -> LabModel:
+        return make_lab_model(attack, args.out / folder, settings, cache_dir=args.cache)
+
+    return make_classic, args.dataset
 
 
 def _fraction(value: float | None) -> str:
