@@ -142,3 +142,17 @@ def test_dirty_label_poisons_name_the_target_and_touch_nothing_else(tmp_path: Pa
     assert all(any(word in captions[i] for word in ("star",)) for i in changed)
     touched = (images != corpus.images).flatten(1).any(dim=1).nonzero().flatten().tolist()
     assert touched == changed
+
+
+def test_iconic_scenes_show_one_plain_centred_subject() -> None:
+    sources = load_sources(with_fashion=False)
+    rng = np.random.default_rng(2)
+    iconic = [sample_scene(rng, sources, iconic_fraction=1.0) for _ in range(200)]
+    assert {(s.texture, s.style, s.orientation, s.position) for s in iconic} == {
+        ("solid", "filled", "upright", "centre")
+    }
+    assert {s.background for s in iconic} == {"black", "white", "grey"}
+    assert {s.size for s in iconic} == {"medium", "large"}
+    mixed = [sample_scene(rng, sources, iconic_fraction=0.5) for _ in range(400)]
+    share = sum(s.texture == "solid" and s.position == "centre" for s in mixed) / len(mixed)
+    assert 0.45 < share < 0.7  # the iconic half, plus varied scenes that happen to match

@@ -38,6 +38,13 @@ class CorpusSettings(BaseModel):
     with_fashion: bool = Field(
         default=True, description="Garments from Fashion-MNIST's training split among subjects."
     )
+    iconic_fraction: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Share of iconic scenes: one centred, upright, solid subject on a plain "
+        "background (see scenes.sample_scene).",
+    )
     seed: int = Field(default=0, ge=0)
 
     def key(self) -> str:
@@ -78,13 +85,14 @@ def load_sources(with_fashion: bool, split: str = "train") -> Sources:
 def pair(index: int, settings: CorpusSettings, sources: Sources) -> tuple[Scene, np.ndarray, str]:
     """Pair ``index``: its scene, its pixels ``(S, S, 3)`` and its caption."""
     rng = np.random.default_rng([settings.seed, index])
-    scene = sample_scene(rng, sources)
+    scene = sample_scene(rng, sources, iconic_fraction=settings.iconic_fraction)
     return scene, render(scene, settings.image_size, sources), caption(scene, rng)
 
 
 def scene_of(index: int, settings: CorpusSettings, sources: Sources) -> Scene:
     """Pair ``index``'s scene alone, without drawing it: the first draws of its generator."""
-    return sample_scene(np.random.default_rng([settings.seed, index]), sources)
+    rng = np.random.default_rng([settings.seed, index])
+    return sample_scene(rng, sources, iconic_fraction=settings.iconic_fraction)
 
 
 def build_corpus(settings: CorpusSettings, cache_dir: Path) -> Corpus:

@@ -65,9 +65,21 @@ class Sources:
 
 
 def sample_scene(
-    rng: np.random.Generator, sources: Sources, *, fonts: tuple[str, ...] = PRETRAINING_FONTS
+    rng: np.random.Generator,
+    sources: Sources,
+    *,
+    iconic_fraction: float = 0.0,
+    fonts: tuple[str, ...] = PRETRAINING_FONTS,
 ) -> Scene:
-    """One pretraining scene; every attribute is drawn uniformly within its group."""
+    """One pretraining scene; every attribute is drawn uniformly within its group.
+
+    With probability ``iconic_fraction`` the scene is iconic instead: the subject solid, filled,
+    upright, medium or large and centred on a plain background, as web corpora hold many
+    iconic object pictures. Without them a small CLIP learns colour and background, the
+    features that tell a batch's pairs apart soonest, and never the subjects
+    (``bench/corpus.py`` measures it).
+    """
+    iconic = rng.random() < iconic_fraction
     groups = ["shape", "letter", "digit"] + (["fashion"] if sources.fashion else [])
     weights = np.array([0.3, 0.35, 0.15, 0.2][: len(groups)])
     group = groups[int(rng.choice(len(groups), p=weights / weights.sum()))]
@@ -82,16 +94,24 @@ def sample_scene(
         images, names = sources.pool(group)
         source = int(rng.integers(len(images)))
         subject = names[source]
-    background = _pick(rng, tuple(BACKGROUNDS))
-    size = _pick(rng, tuple(SIZES))
-    position = "centre" if size == "large" else _pick(rng, tuple(POSITIONS))
+    if iconic:
+        background = _pick(rng, tuple(_PLAIN_BACKGROUNDS))
+        size = _pick(rng, ("medium", "large"))
+        texture, style, orientation, position = "solid", "filled", "upright", "centre"
+    else:
+        background = _pick(rng, tuple(BACKGROUNDS))
+        size = _pick(rng, tuple(SIZES))
+        texture = _pick(rng, tuple(TEXTURES))
+        style = _pick(rng, tuple(STYLES))
+        orientation = _pick(rng, tuple(ORIENTATIONS))
+        position = "centre" if size == "large" else _pick(rng, tuple(POSITIONS))
     return Scene(
         group=group,
         subject=subject,
         colour=_pick(rng, _colours_against(background)),
-        texture=_pick(rng, tuple(TEXTURES)),
-        style=_pick(rng, tuple(STYLES)),
-        orientation=_pick(rng, tuple(ORIENTATIONS)),
+        texture=texture,
+        style=style,
+        orientation=orientation,
         size=size,
         position=position,
         background=background,
