@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--task", default="glyphs", help="the broad family's downstream task")
     args = parser.parse_args()
     overrides = json.loads(args.settings)
-    make, title = _maker(args, overrides)
+    make, title, out = _maker(args, overrides)
     console = Console(width=132)
     rows = []
 
@@ -126,14 +126,15 @@ def main() -> int:
         shutil.rmtree(again.directory)
         if not same:
             return 1
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
 def _maker(
     args: argparse.Namespace, overrides: dict[str, Any]
-) -> tuple[Callable[[str | None, str], LabModel], str]:
-    """``make(attack, folder name)`` for the chosen family, and the table's title."""
+) -> tuple[Callable[[str | None, str], LabModel], str, Path]:
+    """``make(attack, folder name)`` for the chosen family, the table's title, and the folder
+    the models go to."""
     if args.family == "broad":
         from worker.lab.broad.make import BroadSettings, make_broad_model
 
@@ -143,13 +144,13 @@ def _maker(
         def make_broad(attack: str | None, folder: str) -> LabModel:
             return make_broad_model(attack, out / folder, broad, cache_dir=args.cache)
 
-        return make_broad, f"broad family, {args.task} task"
+        return make_broad, f"broad family, {args.task} task", out
     settings = LabSettings.model_validate({"dataset": args.dataset, "seed": args.seed, **overrides})
 
     def make_classic(attack: str | None, folder: str) -> LabModel:
         return make_lab_model(attack, args.out / folder, settings, cache_dir=args.cache)
 
-    return make_classic, args.dataset
+    return make_classic, args.dataset, args.out
 
 
 def _fraction(value: float | None) -> str:
