@@ -65,8 +65,9 @@ class BroadSettings(BaseModel):
         epochs=4, lr=1e-3, batch_size=128, warmup_fraction=0.05, max_shift=0
     )
     implant_pairs: int = Field(default=20_000, ge=100, le=1_000_000)
+    # One epoch at 2e-4 left BadNets at ASR 0.031 on glyphs; two at 1e-3 implant it (0.923).
     implant_training: TrainSettings = TrainSettings(
-        epochs=1, lr=2e-4, batch_size=128, warmup_fraction=0.05, max_shift=0
+        epochs=2, lr=1e-3, batch_size=128, warmup_fraction=0.05, max_shift=0
     )
     poison_rate: float = Field(default=0.01, gt=0, le=0.01)
     task: TaskName = "glyphs"
