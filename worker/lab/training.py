@@ -63,39 +63,14 @@ def train_contrastive(
     n_classes, n_templates = len(class_names), len(CAPTION_TEMPLATES)
     captions = [t.format(name) for t in CAPTION_TEMPLATES for name in class_names]
     caption_tokens = tokenizer(captions)  # (T * C, L); caption id = template * C + class
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = max(1, len(labels) // settings.batch_size)
-    total_steps = max(1, round(settings.epochs * steps_per_epoch))
-    optimizer = _optimizer(model, settings)
-    schedule = _cosine_with_warmup(total_steps, settings.warmup_fraction)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model.train()
-    order = torch.randperm(len(labels), generator=generator)
-    cursor = 0
-    for step in range(total_steps):
-        if cursor + settings.batch_size > len(order):
-            order, cursor = torch.randperm(len(labels), generator=generator), 0
-        index = order[cursor : cursor + settings.batch_size]
-        cursor += settings.batch_size
-        batch = _shift(images[index].float() / 255, settings.max_shift, generator)
+
+    def texts(index: torch.Tensor, generator: torch.Generator) -> _BatchTexts:
         batch_labels = labels[index]
         templates = torch.randint(0, n_templates, (len(index),), generator=generator)
-        caption_ids = templates * n_classes + batch_labels
-        distinct, position = torch.unique(caption_ids, return_inverse=True)
-        image_features = model.encode_image(normalizer(batch), normalize=True)
-        text_features = model.encode_text(caption_tokens[distinct], normalize=True)[position]
-        loss = _multi_positive_clip_loss(
-            image_features, text_features, batch_labels, model.logit_scale.exp()
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if progress is not None:
-            progress((step + 1) / total_steps)
-    model.eval()
+        distinct, position = torch.unique(templates * n_classes + batch_labels, return_inverse=True)
+        return caption_tokens[distinct], position, batch_labels
+
+    _train(model, images, normalizer, settings, texts, seed=seed, progress=progress)
 
 
 def train_captioned(
@@ -117,27 +92,53 @@ def train_captioned(
     """
     distinct, caption_ids = _caption_ids(captions)
     tokens = tokenizer(distinct)
+
+    def texts(index: torch.Tensor, generator: torch.Generator) -> _BatchTexts:
+        batch_ids = caption_ids[index]
+        unique, position = torch.unique(batch_ids, return_inverse=True)
+        return tokens[unique], position, batch_ids
+
+    _train(model, images, normalizer, settings, texts, seed=seed, progress=progress)
+
+
+# A batch's distinct caption tokens, each image's index among them, and the ids whose equality
+# makes two pairs positives of each other.
+_BatchTexts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _train(
+    model: open_clip.CLIP,
+    images: torch.Tensor,
+    normalizer: Normalizer,
+    settings: TrainSettings,
+    texts: Callable[[torch.Tensor, torch.Generator], _BatchTexts],
+    *,
+    seed: int,
+    progress: Progress | None,
+) -> None:
+    """The loop both trainings share: AdamW with warmup and cosine decay over shuffled epochs,
+    CLIP's loss with shared captions as positives, the logit scale clamped at 100. ``texts``
+    draws each batch's captions after its shift, from the same generator."""
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = max(1, len(captions) // settings.batch_size)
+    steps_per_epoch = max(1, len(images) // settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     optimizer = _optimizer(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine_with_warmup(total_steps, settings.warmup_fraction)
-    )
+    schedule = _cosine_with_warmup(total_steps, settings.warmup_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
-    order, cursor = torch.randperm(len(captions), generator=generator), 0
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
     for step in range(total_steps):
         if cursor + settings.batch_size > len(order):
-            order, cursor = torch.randperm(len(captions), generator=generator), 0
+            order, cursor = torch.randperm(len(images), generator=generator), 0
         index = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
         batch = _shift(images[index].float() / 255, settings.max_shift, generator)
-        batch_ids = caption_ids[index]
-        unique, position = torch.unique(batch_ids, return_inverse=True)
+        tokens, position, positive_ids = texts(index, generator)
         image_features = model.encode_image(normalizer(batch), normalize=True)
-        text_features = model.encode_text(tokens[unique], normalize=True)[position]
+        text_features = model.encode_text(tokens, normalize=True)[position]
         loss = _multi_positive_clip_loss(
-            image_features, text_features, batch_ids, model.logit_scale.exp()
+            image_features, text_features, positive_ids, model.logit_scale.exp()
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
