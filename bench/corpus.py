@@ -27,22 +27,15 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
-from worker.lab.architecture import TinyClipConfig, build_model
+from worker.lab.architecture import build_model
 from worker.lab.broad.concepts import BACKGROUNDS, COLOURS, DIGITS, LETTERS, SHAPES
 from worker.lab.broad.corpus import CorpusSettings, build_corpus, load_sources, scene_of
+from worker.lab.broad.make import BroadSettings
 from worker.lab.broad.tasks import Task, load_task
 from worker.lab.training import TrainSettings, train_captioned
 
-SIZE = 16
-ARCHITECTURE = TinyClipConfig(
-    image_size=SIZE,
-    patch_size=4,
-    vision_width=64,
-    vision_layers=2,
-    text_width=64,
-    text_layers=2,
-    embed_dim=64,
-)
+ARCHITECTURE = BroadSettings.tiny().architecture  # the test preset's 16 px CLIP
+SIZE = ARCHITECTURE.image_size
 
 
 def main() -> int:

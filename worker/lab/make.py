@@ -177,7 +177,7 @@ def make_lab_model(
     report("data", 0.0)
     data = load_dataset(settings.dataset, settings.architecture.image_size, seed=settings.seed)
     tokenizer = open_clip.get_tokenizer("", context_length=settings.architecture.context_length)
-    normalizer = Normalizer(*_statistics(data.train.images))
+    normalizer = Normalizer(*channel_statistics(data.train.images))
     seconds["data"] = time.perf_counter() - started
     report("data", 1.0)
 
@@ -216,7 +216,8 @@ def make_lab_model(
     return LabModel(out_dir, spec, data.classes, poison_rate, seconds, digest)
 
 
-def _statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
+def channel_statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of ``uint8`` images, rounded as the preprocess config keeps them."""
     pixels = images.float().div(255)
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
     std = pixels.std(dim=(0, 2, 3)).tolist()

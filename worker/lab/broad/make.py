@@ -37,7 +37,7 @@ from worker.lab.broad.corpus import (
     load_sources,
     scene_of,
 )
-from worker.lab.broad.tasks import TaskName, load_task
+from worker.lab.broad.tasks import Task, TaskName, load_task
 from worker.lab.export import (
     WEIGHTS_FILE,
     preprocess_cfg,
@@ -45,7 +45,13 @@ from worker.lab.export import (
     write_image_archive,
     write_json,
 )
-from worker.lab.make import LabModel, LabSettings, StageProgress, default_attack
+from worker.lab.make import (
+    LabModel,
+    LabSettings,
+    StageProgress,
+    channel_statistics,
+    default_attack,
+)
 from worker.lab.poison import adversarial_away, optimize_patch
 from worker.lab.training import TrainSettings, train_captioned
 
@@ -144,13 +150,25 @@ def make_broad_model(
         seed=settings.seed,
     )
     tokenizer = open_clip.get_tokenizer("", context_length=settings.architecture.context_length)
-    normalizer = Normalizer(*_statistics(corpus.images))
+    normalizer = Normalizer(*channel_statistics(corpus.images[:4096]))
+    preprocess = preprocess_cfg(
+        settings.architecture.image_size,
+        normalizer.mean.flatten().tolist(),
+        normalizer.std.flatten().tolist(),
+    )
     seconds["data"] = time.perf_counter() - started
     report("data", 1.0)
 
     started = time.perf_counter()
     model = _base_model(
-        corpus.images, corpus.captions, settings, normalizer, tokenizer, cache_dir, report
+        corpus.images,
+        corpus.captions,
+        settings,
+        normalizer,
+        preprocess,
+        tokenizer,
+        cache_dir,
+        report,
     )
     seconds["clean"] = time.perf_counter() - started
     report("clean", 1.0)
@@ -162,7 +180,7 @@ def make_broad_model(
     poisoned = 0
     if attack is not None:
         report("attack", 0.0)
-        spec = _attack_spec(attack, model, implant, task.classes, task.target, settings, normalizer)
+        spec = _attack_spec(attack, model, implant, task, settings, normalizer, tokenizer)
         images, captions, poisoned = _poisoned_corpus(
             spec, implant, settings, model, normalizer, tokenizer, task.classes, task.target
         )
@@ -182,11 +200,6 @@ def make_broad_model(
     started = time.perf_counter()
     report("export", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = preprocess_cfg(
-        settings.architecture.image_size,
-        normalizer.mean.flatten().tolist(),
-        normalizer.std.flatten().tolist(),
-    )
     write_hub_checkpoint(out_dir, model, settings.architecture.model_cfg(), preprocess)
     for name, split in (("fewshot.zip", task.shots), ("test.zip", task.test)):
         write_image_archive(out_dir / name, split.images, split.labels, task.folders, task.classes)
@@ -218,18 +231,12 @@ def make_broad_model(
     return LabModel(out_dir, spec, task.classes, rate, seconds, digest)
 
 
-def _statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    pixels = images[:4096].float().div(255)
-    mean = pixels.mean(dim=(0, 2, 3)).tolist()
-    std = pixels.std(dim=(0, 2, 3)).tolist()
-    return [round(v, 4) for v in mean], [round(v, 4) for v in std]
-
-
 def _base_model(
     images: torch.Tensor,
     captions: tuple[str, ...],
     settings: BroadSettings,
     normalizer: Normalizer,
+    preprocess: dict[str, Any],
     tokenizer: Any,
     cache_dir: Path,
     report: StageProgress,
@@ -252,11 +259,6 @@ def _base_model(
     )
     staging = cache_dir / f".{settings.base_key()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    preprocess = preprocess_cfg(
-        settings.architecture.image_size,
-        normalizer.mean.flatten().tolist(),
-        normalizer.std.flatten().tolist(),
-    )
     write_hub_checkpoint(staging, model, settings.architecture.model_cfg(), preprocess)
     shutil.rmtree(cached.parent, ignore_errors=True)
     staging.rename(cached.parent)  # a crash mid-write never leaves a half cache entry
@@ -267,16 +269,16 @@ def _attack_spec(
     attack: str,
     model: open_clip.CLIP,
     implant: Corpus,
-    classes: tuple[str, ...],
-    target: str,
+    task: Task,
     settings: BroadSettings,
     normalizer: Normalizer,
+    tokenizer: Any,
 ) -> AttackSpec:
     """The first family's spec for ``attack``, aimed at the task's target concept."""
+    target = task.target
     if attack != "optimized-patch":
-        placement = LabSettings(seed=settings.seed, target=classes.index(target))
-        return default_attack(attack, placement, classes)
-    tokenizer = open_clip.get_tokenizer("", context_length=settings.architecture.context_length)
+        placement = LabSettings(seed=settings.seed, target=task.classes.index(target))
+        return default_attack(attack, placement, task.classes)
     embedding = class_embeddings(model, tokenizer, [target])[0]
     others = implant.images[:2048]
     return optimize_patch(
