@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.cli.progress import stage_bars
+from service.cli.progress import StageCallback, stage_bars
 from service.settings import get_settings
+
+if TYPE_CHECKING:
+    from worker.lab.make import LabModel
 
 app = typer.Typer(help="Make tiny backdoored CLIP checkpoints and measure their CA and ASR.")
 
@@ -69,18 +73,16 @@ def make(
     if poison_rate is not None:
         overrides["poison_rate"] = poison_rate
     settings = LabSettings.for_dataset(chosen, **overrides)
-    console = Console(stderr=True)
-    with stage_bars(console) as progress:
-        made = make_lab_model(
+    _make_with_bars(
+        lambda progress: make_lab_model(
             None if attack == "none" else attack,
             out,
             settings,
             cache_dir=get_settings().lab_cache,
             progress=progress,
-        )
-    console.print(
-        f"[bold]{attack}[/] lab model on {chosen} written to {made.directory} "
-        f"(poison rate {made.poison_rate:.3f}, sha256 {made.model_sha256[:12]})"
+        ),
+        attack,
+        f"lab model on {chosen}",
     )
 
 
@@ -102,17 +104,26 @@ def _make_broad(
         settings = BroadSettings.model_validate(overrides)
     except ValidationError as exc:
         raise typer.BadParameter(str(exc.errors()[0]["msg"])) from exc
-    console = Console(stderr=True)
-    with stage_bars(console) as progress:
-        made = make_broad_model(
+    _make_with_bars(
+        lambda progress: make_broad_model(
             None if attack == "none" else attack,
             out,
             settings,
             cache_dir=get_settings().lab_cache,
             progress=progress,
-        )
+        ),
+        attack,
+        f"broad lab model for the {chosen} task",
+    )
+
+
+def _make_with_bars(make: Callable[[StageCallback], LabModel], attack: str, what: str) -> None:
+    """Runs ``make`` under one progress bar per stage, then says where the model went."""
+    console = Console(stderr=True)
+    with stage_bars(console) as progress:
+        made = make(progress)
     console.print(
-        f"[bold]{attack}[/] broad lab model for the {chosen} task written to {made.directory} "
+        f"[bold]{attack}[/] {what} written to {made.directory} "
         f"(poison rate {made.poison_rate:.4f}, sha256 {made.model_sha256[:12]})"
     )
 
