@@ -37,8 +37,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.attacks import ATTACK_NAMES
+from worker.cbpt.evaluation import stratified_split
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.purify import stratified_split
 from worker.cbpt.zeroshot import encode_images
 from worker.lab.folder import LabFolder, NotBackdooredError, backdoored_folders, open_lab_folder
 

@@ -31,8 +31,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.inversion import InversionSettings, Trigger, flip_statistics, invert_trigger
-from worker.cbpt.purify import VerdictSettings, detection_strength
+from worker.cbpt.inversion import Judge, Trigger, flip_statistics, invert_trigger
+from worker.cbpt.options import InversionSettings, VerdictSettings
+from worker.cbpt.verdict import detection_strength
 from worker.lab.folder import LabFolder, open_lab_folder
 
 
@@ -126,7 +127,7 @@ def _draws(lab: LabFolder, seed: int, count: int, verdict: VerdictSettings) -> l
         return strength
 
     settings = InversionSettings(restarts=count)
-    invert_trigger(lab.model, lab.normalizer, pixels, settings, seed=seed, judge=judge)
+    invert_trigger(lab.model, lab.normalizer, pixels, settings, seed=seed, judge=Judge(judge))
     return draws
 
 

@@ -15,7 +15,7 @@ for 1000 steps: no purification through the text side can do much better on that
 against the purified head, what a job with no known trigger reports as its ASR after.
 
     .venv/bin/python bench/efficacy.py [--attacks badnets,sig] [--seeds 0,1]
-    .venv/bin/python bench/efficacy.py --cbpt-only --options '{"rounds": 4}'  # a variant
+    .venv/bin/python bench/efficacy.py --cbpt-only --options '{"rounds": {"count": 4}}'  # a variant
 """
 
 from __future__ import annotations
@@ -35,10 +35,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.suite import merged
 from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.purify import PurifyOptions
-from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
+from worker.cbpt.options import PurifyOptions, TuningSettings
+from worker.cbpt.tuning import (
+    ClassText,
+    TuningFeatures,
+    TuningObjective,
+    tune_prompts,
+)
 from worker.cbpt.zeroshot import encode_images
 from worker.lab.datasets import default_dataset
 from worker.lab.defend import purify_lab
@@ -89,7 +95,8 @@ def main() -> int:
                 with tempfile.TemporaryDirectory() as scratch:
                     result = purify_lab(folder, options, Path(scratch), known_triggers=(known,))
                 seconds = time.perf_counter() - started
-                summary = result.summary
+                report = result.report.model_dump(mode="json")
+                summary = report["summary"]
                 rows.append(
                     {
                         "model": name,
@@ -98,18 +105,18 @@ def main() -> int:
                         "verdict": result.verdict,
                         "seconds": round(seconds, 1),
                         **summary,
-                        "flip_rate": result.report["detection"]["flip_rate"],
-                        "mask_fraction": result.report["detection"]["mask_fraction"],
-                        "score": result.report["detection"]["score"],
-                        "restart_scores": result.report["detection"]["restart_scores"],
-                        "timings_s": result.report["timings_s"],
-                        **_accuracy_by_side(result.report, known.target),
+                        "flip_rate": report["detection"]["flip_rate"],
+                        "mask_fraction": report["detection"]["mask_fraction"],
+                        "score": report["detection"]["score"],
+                        "restart_scores": report["detection"]["restart_scores"],
+                        "timings_s": report["timings_s"],
+                        **_accuracy_by_side(report, known.target),
                         # The adaptive check: what a trigger re-inverted against the purified
                         # head still gets, the job's own estimate of the ASR left.
                         "reinverted_asr_after": next(
                             (
                                 t["asr_after"]
-                                for t in result.report["triggers"]
+                                for t in report["triggers"]
                                 if t["kind"] == "re-inverted"
                             ),
                             None,
@@ -146,10 +153,11 @@ def _options(defence: str, seed: int, rounds: int, overrides: dict[str, Any]) ->
         tuning = TuningSettings(
             backdoor_weight=0.0, regularizer_weight=0.0, clean_weight=1.0, distill_weight=0.0
         )
-        return PurifyOptions(seed=seed, device="cpu", tuning=tuning, rounds=0, tune_when_clean=True)
-    return PurifyOptions.model_validate(
-        {"seed": seed, "device": "cpu", "rounds": rounds, **overrides}
-    )
+        return PurifyOptions.model_validate(
+            {"seed": seed, "tuning": {**tuning.model_dump(), "when_clean": True}, "rounds": 0}
+        )
+    base = PurifyOptions.model_validate({"seed": seed, "rounds": {"count": rounds}})
+    return merged(base, overrides)
 
 
 def oracle(
@@ -163,14 +171,8 @@ def oracle(
     triggered = encode_images(model, shots.images, normalizer, transform=trigger.apply)
     target = shots.class_names.index(trigger.target or "")
     tuned = tune_prompts(
-        model,
-        lab.loaded.tokenizer,
-        shots.class_names,
-        hand,
-        clean,
-        shots.labels,
-        triggered,
-        shots.labels,
+        ClassText(model, lab.loaded.tokenizer, shots.class_names, hand),
+        TuningFeatures(clean, shots.labels, triggered, shots.labels),
         options.tuning,
         seed=options.seed,
         target=target,
@@ -202,9 +204,8 @@ def _free_head(
     """A linear head fitted with CBPT's own tuning objective, no prompts."""
     weights = torch.nn.Parameter(hand.clone())
     optimizer = torch.optim.Adam([weights], lr=5e-3)
-    objective = TuningObjective(
-        scale, hand, clean, labels, triggered, labels, settings, target=target
-    )
+    features = TuningFeatures(clean, labels, triggered, labels)
+    objective = TuningObjective(scale, hand, features, settings, target=target)
     for _ in range(steps):
         loss = objective(F.normalize(weights, dim=1))
         optimizer.zero_grad()

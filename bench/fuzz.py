@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load import dataset_bytes
 from service import jobs
 from service.api import create_app
-from service.api.routes.files import file_id
 from service.auth import create_key
 from service.blobs import BlobStore
+from service.crud.files import file_id
 from service.db import session_factory, transaction
 from service.migrations import upgrade
 from service.models import Artifact, File, Job
@@ -143,7 +143,10 @@ def seed_data(settings: Settings, scratch: Path) -> Seeded:
         },
         "artifacts": listing,
     }
-    ids = {name: file_id(TENANT, blobs[name].sha256) for name in ("checkpoint", "dataset")}
+    ids = {
+        name: file_id(tenant=TENANT, sha256=blobs[name].sha256)
+        for name in ("checkpoint", "dataset")
+    }
     with transaction(session_factory(settings.database)) as session:
         for name, ident in ids.items():
             blob = blobs[name]

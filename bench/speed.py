@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.cbpt.attacks import AttackSpec, BadNets, parse_attack
 from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.imagesets import read_image_set
+from worker.cbpt.options import PurifyOptions, Runtime
 from worker.cbpt.precision import Precision, autocast
 from worker.cbpt.prompts import ClassPrompts, encode_prompts
-from worker.cbpt.purify import PurifyOptions, purify
+from worker.cbpt.purify import Inputs, purify
 from worker.cbpt.zeroshot import Normalizer, encode_images
 from worker.lab.datasets import default_dataset, load_dataset
 from worker.lab.export import preprocess_cfg, write_hub_checkpoint, write_image_archive, write_json
@@ -67,9 +68,8 @@ def main() -> int:
     if args.jobs < 1 or args.epochs < 1:
         parser.error("--jobs and --epochs must be at least 1")
     console = Console(width=132)
-    options = PurifyOptions.model_validate(
-        {**json.loads(args.options), "device": args.device, "precision": args.precision}
-    )
+    options = PurifyOptions.model_validate(json.loads(args.options))
+    runtime_choice = Runtime(args.device, args.precision)
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.arch:
@@ -86,14 +86,13 @@ def main() -> int:
         for job in range(1, args.jobs + 1):
             started = time.perf_counter()
             result = purify(
-                subject,
-                subject / "fewshot.zip",
+                Inputs(subject, subject / "fewshot.zip", known_triggers=(trigger,)),
                 options,
                 out_dir=Path(scratch) / f"out-{job}",
-                known_triggers=(trigger,),
+                runtime=runtime_choice,
             )
             whole = time.perf_counter() - started
-            runtime = result.report["runtime"]
+            runtime = result.report.runtime
             console.print(
                 f"job {job}: {title}, split 50/50, {runtime['device']} "
                 f"{runtime['precision']}: whole job {whole:.1f} s"
@@ -101,18 +100,17 @@ def main() -> int:
             stages = Table()
             stages.add_column("stage")
             stages.add_column("seconds", justify="right")
-            for stage, seconds in result.report["timings_s"].items():
+            for stage, seconds in result.report.timings_s.items():
                 stages.add_row(stage, f"{seconds:.2f}")
             console.print(stages)
+        summary = result.report.summary
         console.print(
-            f"verdict {result.verdict}, CA {result.summary['ca_before']:.3f} -> "
-            f"{result.summary['ca_after']:.3f}"
+            f"verdict {result.verdict}, CA {summary.ca_before:.3f} -> {summary.ca_after:.3f}"
         )
 
         device = torch.device(runtime["device"])
-        cached, recomputed = _stage_two_epochs(
-            subject, trigger, args.epochs, device, runtime["precision"]
-        )
+        precision: Precision = "bf16" if runtime["precision"] == "bf16" else "fp32"
+        cached, recomputed = _stage_two_epochs(subject, trigger, args.epochs, device, precision)
     table = Table(title=f"stage 2, seconds per epoch (median of {args.epochs})")
     for column in ("image features", "s / epoch", "speed-up"):
         table.add_column(column, justify="right")

@@ -15,7 +15,7 @@ Each pair trains its own clean base (a cache per thread count under ``--cache``)
 model differs as it would on another machine::
 
     .venv/bin/python bench/spread.py [--seeds 0,1,2,3,4] [--threads 1,2] \\
-        [--lab '{"poison_rate": 0.2}'] [--options '{"rounds": 2}']
+        [--lab '{"poison_rate": 0.2}'] [--options '{"rounds": {"count": 2}}']
 
 With ``--tests``, it runs those test files instead, once per pair (``ANTIDOTE_TEST_SEED`` and
 ``OMP_NUM_THREADS`` set), and prints what pytest counted for each::
@@ -34,21 +34,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.suite import suite_lab_settings, suite_options
+from tests.suite import merged, suite_lab_settings, suite_options
 from worker.lab.defend import purify_lab
 from worker.lab.evaluate import evaluate_lab_dir
 from worker.lab.make import make_lab_model
-
-M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -169,40 +166,29 @@ def _one(
     cache: Path,
 ) -> Row:
     started = time.perf_counter()
-    settings = _merged(suite_lab_settings(seed), lab_overrides)
-    options = _merged(suite_options(seed), option_overrides)
+    settings = merged(suite_lab_settings(seed), lab_overrides)
+    options = merged(suite_options(seed), option_overrides)
     with tempfile.TemporaryDirectory() as scratch:
         lab = make_lab_model(
             attack, Path(scratch) / attack, settings, cache_dir=cache / f"threads-{threads}"
         )
         evaluation = evaluate_lab_dir(lab.directory)
         result = purify_lab(lab.directory, options, Path(scratch) / "purified")
-    inverted, known, adaptive = result.report["triggers"]
-    summary = result.summary
+    inverted, known, adaptive = result.report.triggers
+    summary = result.report.summary
     return Row(
         seed=seed,
         threads=threads,
         lab_ca=evaluation.ca,
-        asr_before=known["asr_before"],
-        asr_after=known["asr_after"],
-        ca_before=float(summary["ca_before"] or 0),
-        ca_after=float(summary["ca_after"] or 0),
-        inverted_after=inverted["asr_after"],
-        adaptive_after=adaptive["asr_after"],
+        asr_before=known.asr_before,
+        asr_after=known.asr_after,
+        ca_before=float(summary.ca_before or 0),
+        ca_after=float(summary.ca_after or 0),
+        inverted_after=inverted.asr_after,
+        adaptive_after=adaptive.asr_after,
         verdict=result.verdict,
         seconds=time.perf_counter() - started,
     )
-
-
-def _merged(model: M, overrides: dict[str, Any]) -> M:
-    """``model`` with ``overrides`` merged into it, nested settings field by field, validated."""
-    merged = model.model_dump()
-    for key, value in overrides.items():
-        nested = merged.get(key)
-        merged[key] = (
-            nested | value if isinstance(nested, dict) and isinstance(value, dict) else value
-        )
-    return type(model).model_validate(merged)
 
 
 if __name__ == "__main__":

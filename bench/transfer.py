@@ -30,8 +30,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.attacks import ATTACK_NAMES
-from worker.cbpt.inversion import InversionSettings
-from worker.cbpt.purify import VerdictSettings, invert_for_verdict
+from worker.cbpt.options import PurifyOptions
+from worker.cbpt.verdict import invert_for_verdict
 from worker.cbpt.zeroshot import encode_images
 from worker.lab.folder import LabFolder, NotBackdooredError, backdoored_folders, open_lab_folder
 
@@ -71,18 +71,9 @@ def main() -> int:
 
 
 def _shift_row(lab: LabFolder, seed: int) -> list[str]:
-    model, normalizer, shots, test = lab.model, lab.normalizer, lab.shots, lab.test
+    model, normalizer, test = lab.model, lab.normalizer, lab.test
     spec, target = lab.backdoor()
-    inversion = invert_for_verdict(
-        model,
-        normalizer,
-        lab.hand,
-        shots.images.float() / 255,
-        shots.labels,
-        InversionSettings(),
-        VerdictSettings(),
-        seed=seed,
-    )
+    inversion = invert_for_verdict(lab.clip, lab.hand, lab.shot_tensors(), PurifyOptions(seed=seed))
     others = test.images[test.labels != target]
     clean = encode_images(model, others, normalizer)
     real = encode_images(model, others, normalizer, transform=spec.apply) - clean

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
+from worker.cbpt.errors import EngineError
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "https://clip-antidote.dev/problems/"
 
@@ -69,6 +73,25 @@ def problem_body(
         body["request_id"] = request_id
     body.update(extra)
     return body
+
+
+def problem_of(exc: BaseException, *, internal_detail: str | None = None) -> Problem:
+    """The one mapping from an error to a problem, for the API and the worker alike.
+
+    An engine or input error keeps its code and status; options that do not validate are
+    OPTIONS_INVALID with a pointer per error; anything else is ours, a 500, whose detail is
+    ``internal_detail`` where given (the API hides its internals) or the error's own text.
+    """
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, EngineError):
+        return Problem(exc.status, exc.code, exc.detail)
+    if isinstance(exc, ValidationError):
+        errors = error_pointers(exc.errors(include_url=False, include_input=False))
+        return Problem(422, "OPTIONS_INVALID", "options do not validate", errors=errors)
+    if isinstance(exc, MemoryError):
+        return Problem(500, "OUT_OF_MEMORY", "the worker ran out of memory")
+    return Problem(500, "INTERNAL", internal_detail or f"{type(exc).__name__}: {exc}")
 
 
 def error_pointers(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -26,6 +26,11 @@ from service.models import TERMINAL, Job, JobState
 ACTIVE = (JobState.RUNNING.value, JobState.CANCELLING.value)
 
 
+def artifact_url(job_id: str, name: str) -> str:
+    """Where a job's artifact is downloaded from: the job's result and the listing both say."""
+    return f"/v1/jobs/{job_id}/artifacts/{name}"
+
+
 def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex
 

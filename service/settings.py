@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,15 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(default=1.0, ge=0, description="Throttle of DB writes.")
     worker_queue: str = Field(default="gpu", description="The queue purification tasks go to.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where the worker runs jobs: auto is CUDA when the worker has one.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Precision of the frozen towers in the worker's optimisation loops: auto is "
+        "bf16 autocast on CUDA and fp32 elsewhere (the artifacts are fp32 either way).",
+    )
 
     @field_validator("database_url")
     @classmethod

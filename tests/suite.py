@@ -7,9 +7,15 @@ seeds: a seed changes the trajectory of training and purification much as anothe
 from __future__ import annotations
 
 import os
+from typing import Any, TypeVar
 
-from worker.cbpt.purify import PurifyOptions
+from pydantic import BaseModel
+
+from worker.cbpt.options import PurifyOptions, TuningSettings
+from worker.cbpt.purify import PurifyResult
 from worker.lab.make import LabSettings
+
+M = TypeVar("M", bound=BaseModel)
 
 SUITE_SEED = int(os.environ.get("ANTIDOTE_TEST_SEED", "0"))
 
@@ -20,9 +26,23 @@ def suite_lab_settings(seed: int = SUITE_SEED) -> LabSettings:
 
 
 def suite_options(seed: int = SUITE_SEED) -> PurifyOptions:
-    """The shipped inversion, tuning and rounds, on the CPU, tuned whatever the verdict."""
-    return PurifyOptions(
-        seed=seed,
-        device="cpu",
-        tune_when_clean=True,  # what the verdict says of 16 px suite models is not what is tested
-    )
+    """The shipped inversion, tuning and rounds, tuned whatever the verdict (``purify_lab``
+    runs them on the CPU)."""
+    # what the verdict says of 16 px suite models is not what is tested
+    return PurifyOptions(seed=seed, tuning=TuningSettings(when_clean=True))
+
+
+def merged(model: M, overrides: dict[str, Any]) -> M:
+    """``model`` with ``overrides`` merged into it, nested settings field by field, validated."""
+    data = model.model_dump()
+    for key, value in overrides.items():
+        nested = data.get(key)
+        data[key] = (
+            nested | value if isinstance(nested, dict) and isinstance(value, dict) else value
+        )
+    return type(model).model_validate(data)
+
+
+def report_of(result: PurifyResult) -> dict[str, Any]:
+    """The report as ``report.json`` holds it."""
+    return result.report.model_dump(mode="json")

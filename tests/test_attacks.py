@@ -8,6 +8,7 @@ import pydantic
 import pytest
 import torch
 
+from worker.cbpt.attack_ops import decode_pattern_png, encode_pattern_png
 from worker.cbpt.attacks import (
     ATTACK_NAMES,
     SIG,
@@ -17,8 +18,6 @@ from worker.cbpt.attacks import (
     LabelConsistent,
     OptimizedPatch,
     WaNet,
-    decode_pattern_png,
-    encode_pattern_png,
     parse_attack,
 )
 

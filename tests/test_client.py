@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-import service.client as client_module
+import service.client.api as client_module
 from service.client import (
     AntidoteClient,
     AntidoteError,
@@ -27,6 +27,7 @@ from service.client import (
     NotFound,
     PayloadTooLarge,
     ServerError,
+    Summary,
     Unauthorized,
     WaitTimeout,
 )
@@ -696,3 +697,13 @@ def test_download_refuses_names_outside_the_folder(tmp_path: Path, name: str) ->
         make_client(handler).download("j1", out)
     assert len(seen) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_client_reads_every_field_of_the_engines_summary() -> None:
+    """The client mirrors ``outcome.Summary`` without importing the engine; this holds the two
+    to the same fields, so that a field added to one is added to the other."""
+    import dataclasses
+
+    from worker.cbpt.outcome import Summary as EngineSummary
+
+    assert [f.name for f in dataclasses.fields(Summary)] == list(EngineSummary.model_fields)

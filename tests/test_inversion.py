@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import open_clip
@@ -12,14 +12,15 @@ import torch.nn.functional as F  # noqa: N812
 
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.inversion import (
-    InversionSettings,
+    Judge,
     Trigger,
     TriggerShape,
     flip_statistics,
     info_nce,
     invert_trigger,
 )
-from worker.cbpt.rounds import invert_against_head
+from worker.cbpt.options import InversionSettings
+from worker.cbpt.rounds import Head, Reinversion, invert_against_head
 from worker.cbpt.warps import AnyTrigger, WarpTrigger
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.evaluate import load_lab_model
@@ -104,12 +105,12 @@ def test_a_judge_keeps_its_strongest_restart_and_stops_at_enough(badnets_lab: La
     plain = invert_trigger(model, normalizer, shots.images, settings, seed=0)
     seen: list[Trigger] = []
 
-    def judge(ratings: list[float]) -> Callable[[Trigger], float]:
+    def judge(ratings: list[float], enough: float = math.inf) -> Judge:
         def rate(trigger: Trigger) -> float:
             seen.append(trigger)
             return ratings[len(seen) - 1]
 
-        return rate
+        return Judge(rate, enough)
 
     judged = invert_trigger(
         model, normalizer, shots.images, settings, seed=0, judge=judge([1.0, 5.0, 3.0])
@@ -125,7 +126,7 @@ def test_a_judge_keeps_its_strongest_restart_and_stops_at_enough(badnets_lab: La
     assert torch.equal(plain.trigger.mask, seen[lowest].mask)
     seen.clear()
     stopped = invert_trigger(
-        model, normalizer, shots.images, settings, seed=0, judge=judge([1.0, 5.0, 3.0]), enough=5
+        model, normalizer, shots.images, settings, seed=0, judge=judge([1.0, 5.0, 3.0], 5)
     )
     assert stopped.strengths == (1.0, 5.0)
     assert stopped.losses == plain.losses[:2]
@@ -208,16 +209,16 @@ def test_re_inversion_sends_images_to_the_target_within_its_mask_budget(
         lab.model,
         lab.normalizer,
         lab.victims,
-        lab.head,
-        lab.target,
-        budget,
-        InversionSettings(batch_size=32),
-        steps=60,
+        Head(lab.head, lab.target, lab.logit_scale),
+        Reinversion(
+            InversionSettings(batch_size=32),
+            steps=60,
+            budget=budget,
+            seed=0,
+            shape=shape,
+            contrastive_weight=contrastive_weight,
+        ),
         start=start,
-        contrastive_weight=contrastive_weight,
-        shape=shape,
-        logit_scale=lab.logit_scale,
-        seed=0,
     )
     assert isinstance(trigger, Trigger)
     assert trigger.mask.shape == (size, size)
@@ -236,16 +237,8 @@ def test_a_warp_re_inversion_moves_pixels_to_reach_the_target_within_its_budget(
         lab.model,
         lab.normalizer,
         lab.victims,
-        lab.head,
-        lab.target,
-        0.1,
-        InversionSettings(batch_size=32),
-        steps=60,
-        start=None,
-        shape="warp",
-        warp_grid=4,
-        logit_scale=lab.logit_scale,
-        seed=0,
+        Head(lab.head, lab.target, lab.logit_scale),
+        Reinversion(InversionSettings(batch_size=32), steps=60, budget=0.1, seed=0, shape="warp"),
     )
     assert isinstance(trigger, WarpTrigger)
     assert trigger.offsets.shape == (2, 4, 4)

@@ -10,11 +10,16 @@ from safetensors import safe_open
 
 from worker.cbpt.checkpoint import load_checkpoint
 from worker.cbpt.deploy import load_purified_classifier
-from worker.cbpt.inversion import InversionSettings
+from worker.cbpt.options import (
+    InversionSettings,
+    PurifyOptions,
+    RoundSettings,
+    Runtime,
+    TuningSettings,
+)
 from worker.cbpt.precision import autocast, resolve_precision
 from worker.cbpt.prompts import ClassPrompts, encode_prompts
-from worker.cbpt.purify import PurifyOptions, purify
-from worker.cbpt.tuning import TuningSettings
+from worker.cbpt.purify import Inputs, purify
 from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.make import LabModel
 
@@ -64,17 +69,19 @@ def test_a_bf16_job_writes_float32_artifacts_and_says_how_it_ran(
     badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     options = PurifyOptions(
-        device="cpu",
-        precision="bf16",
-        rounds=0,
-        tune_when_clean=True,
+        rounds=RoundSettings(count=0),
         inversion=InversionSettings(steps=20, batch_size=16),
-        tuning=TuningSettings(steps=10),
+        tuning=TuningSettings(steps=10, when_clean=True),
     )
     directory = badnets_lab.directory
-    result = purify(directory, directory / "fewshot.zip", options, out_dir=tmp_path)
-    assert result.report["runtime"] == {"device": "cpu", "precision": "bf16"}
-    assert result.report["options"]["precision"] == "bf16"
+    result = purify(
+        Inputs(directory, directory / "fewshot.zip"),
+        options,
+        out_dir=tmp_path,
+        runtime=Runtime("cpu", "bf16"),
+    )
+    assert result.report.runtime == {"device": "cpu", "precision": "bf16"}
+    assert "precision" not in result.report.options  # the operator's choice, not the job's
     names = {"prompts.safetensors": "context", "head.safetensors": "class_embeddings"}
     for artifact, key in names.items():
         with safe_open(str(result.artifacts[artifact]), framework="pt") as handle:

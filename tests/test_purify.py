@@ -9,21 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.suite import suite_options
+from tests.suite import merged, report_of, suite_options
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
-from worker.cbpt.inversion import InversionSettings
-from worker.cbpt.purify import (
-    CancelledError,
-    PurifyOptions,
-    PurifyResult,
-    VerdictSettings,
-    backdoor_score,
-    purify,
-    trigger_shapes,
-    verdict_of,
-)
-from worker.cbpt.tuning import TuningSettings
+from worker.cbpt.options import InversionSettings, PurifyOptions, TuningSettings, VerdictSettings
+from worker.cbpt.progress import CancelledError
+from worker.cbpt.purify import Inputs, PurifyResult, purify
+from worker.cbpt.rounds import trigger_shapes
+from worker.cbpt.verdict import backdoor_score, verdict_of
 from worker.lab.defend import purify_lab
 from worker.lab.make import LabModel
 
@@ -50,41 +43,41 @@ def test_purification_lowers_the_real_asr_and_keeps_ca(purified: PurifyResult) -
     # bench/spread.py at seeds 0-4 on one and two intra-op threads and seeds 5-9 on two (each a
     # trajectory, as another CPU's would be): ASR 0.91-1.00 before, and the real trigger's ASR
     # after is 0.03 to 0.33 of it; CA falls by 0.02 to 0.07. The bounds keep 1.5x the widest.
-    known = purified.report["triggers"][1]
-    assert known["name"] == "badnets"
-    assert known["asr_before"] >= 0.8
-    assert known["asr_after"] <= 0.5 * known["asr_before"], known
-    summary = purified.summary
-    assert summary["ca_after"] is not None
-    assert summary["ca_before"] is not None
-    assert summary["ca_after"] >= summary["ca_before"] - 0.12, summary
+    known = purified.report.triggers[1]
+    assert known.name == "badnets"
+    assert known.asr_before >= 0.8
+    assert known.asr_after <= 0.5 * known.asr_before, known
+    summary = purified.report.summary
+    assert summary.ca_after is not None
+    assert summary.ca_before is not None
+    assert summary.ca_after >= summary.ca_before - 0.12, summary
 
 
 def test_the_summary_measures_the_known_trigger_and_the_adaptive_check_is_reported(
     purified: PurifyResult,
 ) -> None:
-    triggers = purified.report["triggers"]
-    assert [t["kind"] for t in triggers] == ["inverted", "known", "re-inverted"]
+    triggers = purified.report.triggers
+    assert [t.kind for t in triggers] == ["inverted", "known", "re-inverted"]
     inverted, known, adaptive = triggers
-    assert purified.summary["asr_after"] == known["asr_after"]
-    assert adaptive["target"] == inverted["target"] == purified.suspected_target
+    assert purified.report.summary.asr_after == known.asr_after
+    assert adaptive.target == inverted.target == purified.suspected_target
     # Found against the purified head, the re-inverted trigger beats the one tuned against.
-    assert adaptive["asr_after"] > inverted["asr_after"], triggers
+    assert adaptive.asr_after > inverted.asr_after, triggers
 
 
 def test_without_a_known_trigger_the_summary_is_the_adaptive_check(
     badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    directory = badnets_lab.directory
-    options = OPTIONS.model_copy(update={"rounds": 0})
-    result = purify(directory, directory / "fewshot.zip", options, out_dir=tmp_path)
-    adaptive = result.report["triggers"][-1]
-    assert adaptive["kind"] == "re-inverted"
-    assert result.summary["asr_after"] == adaptive["asr_after"]
-    unchecked = options.model_copy(update={"adaptive_check": False})
-    result = purify(directory, directory / "fewshot.zip", unchecked, out_dir=tmp_path / "off")
-    assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]
-    assert result.summary["asr_after"] == result.report["triggers"][0]["asr_after"]
+    inputs = Inputs(badnets_lab.directory, badnets_lab.directory / "fewshot.zip")
+    options = merged(OPTIONS, {"rounds": {"count": 0}})
+    result = purify(inputs, options, out_dir=tmp_path)
+    adaptive = result.report.triggers[-1]
+    assert adaptive.kind == "re-inverted"
+    assert result.report.summary.asr_after == adaptive.asr_after
+    unchecked = merged(options, {"evaluation": {"adaptive_check": False}})
+    result = purify(inputs, unchecked, out_dir=tmp_path / "off")
+    assert [t.kind for t in result.report.triggers] == ["inverted"]
+    assert result.report.summary.asr_after == result.report.triggers[0].asr_after
 
 
 def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None:
@@ -96,7 +89,7 @@ def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None
     assert json.loads(meta["classes"]) == classes
     assert meta["n_ctx"] == "4"
     assert json.loads(meta["templates"]) == ["a photo of a {}."]
-    assert meta["model_sha256"] == purified.report["model_sha256"]
+    assert meta["model_sha256"] == purified.report.model_sha256
     assert context.shape == (10, 4, 64)
     with safe_open(str(paths["head.safetensors"]), framework="pt") as handle:
         head = handle.get_tensor("class_embeddings")
@@ -112,6 +105,7 @@ def test_artifact_formats(purified: PurifyResult, badnets_lab: LabModel) -> None
     assert paths["trigger.png"].read_bytes().startswith(b"\x89PNG")
     report = json.loads(paths["report.json"].read_text())
     assert report["schema_version"] == 1
+    assert report == report_of(purified)
     assert report["runtime"] == {"device": "cpu", "precision": "fp32"}
     assert report["verdict"] in ("backdoored", "suspicious", "clean")
     assert set(report["summary"]) == {
@@ -140,11 +134,10 @@ def test_deployable_from_prompts_or_head(purified: PurifyResult, badnets_lab: La
 def test_views_change_only_what_stage_2_tunes_on(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    views = OPTIONS.tuning.model_copy(update={"views": 3})
-    options = OPTIONS.model_copy(update={"tuning": views})
+    options = merged(OPTIONS, {"tuning": {"views": 3}})
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
-    assert result.report["options"]["tuning"]["views"] == 3
-    assert result.report["detection"] == purified.report["detection"]  # stage 1 is untouched
+    assert result.report.options["tuning"]["views"] == 3
+    assert result.report.detection == purified.report.detection  # stage 1 is untouched
 
     def head(paths: dict[str, Path]) -> torch.Tensor:
         with safe_open(str(paths["head.safetensors"]), framework="pt") as handle:
@@ -156,9 +149,9 @@ def test_views_change_only_what_stage_2_tunes_on(
 def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    options = OPTIONS.model_copy(update={"blend_budget": 0.1})
+    options = merged(OPTIONS, {"rounds": {"blend_budget": 0.1}})
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
-    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    rounds, plain = report_of(result)["rounds"], report_of(purified)["rounds"]
     assert rounds["shapes"] == ["patch", "patch", "blend", "patch", "blend"]
     assert plain["shapes"] == ["patch", "patch", "patch"]
     assert rounds["count"] == 4
@@ -168,16 +161,16 @@ def test_blend_rounds_add_a_whole_image_trigger_within_its_budget(
     assert all(0 < fraction <= 0.1 * 1.1 for fraction in blends)
     # The patch rounds see another head, so they differ too; the first trigger does not.
     assert rounds["mask_fractions"][0] == plain["mask_fractions"][0]
-    assert result.report["detection"] == purified.report["detection"]
+    assert result.report.detection == purified.report.detection
 
 
 def test_warp_rounds_add_a_trigger_that_moves_pixels_within_its_budget(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    options = OPTIONS.model_copy(update={"warp_budget": 0.05, "warp_grid": 3})
+    options = merged(OPTIONS, {"rounds": {"warp_budget": 0.05, "warp_grid": 3}})
     assert trigger_shapes(options) == ["patch", "patch", "warp", "patch", "warp"]
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
-    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    rounds, plain = report_of(result)["rounds"], report_of(purified)["rounds"]
     assert rounds["shapes"] == trigger_shapes(options)
     warps = [i for i, shape in enumerate(rounds["shapes"]) if shape == "warp"]
     # A warp overwrites nothing and moves pixels by at most its budget; a mask moves none.
@@ -187,36 +180,36 @@ def test_warp_rounds_add_a_trigger_that_moves_pixels_within_its_budget(
     assert plain["displacements"] == [0.0, 0.0, 0.0]
     # Round 1's patch is the plain run's: the warp is re-inverted after it, under one head.
     assert rounds["mask_fractions"][:2] == plain["mask_fractions"][:2]
-    assert result.report["options"]["warp_grid"] == 3
+    assert result.report.options["rounds"]["warp_grid"] == 3
 
 
 def test_blends_can_wait_for_the_patch_rounds(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    options = OPTIONS.model_copy(update={"blend_budget": 0.1, "blend_from_round": 2})
+    options = merged(OPTIONS, {"rounds": {"blend_budget": 0.1, "blend_from": 2}})
     assert trigger_shapes(options) == ["patch", "patch", "patch", "blend"]
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
-    rounds, plain = result.report["rounds"], purified.report["rounds"]
+    rounds, plain = report_of(result)["rounds"], report_of(purified)["rounds"]
     assert rounds["shapes"] == trigger_shapes(options)
     # Round 1 is the plain run's round 1: the same head and seed re-invert the same patch.
     assert rounds["mask_fractions"][:2] == plain["mask_fractions"][:2]
     assert 0 < rounds["mask_fractions"][3] <= 0.1 * 1.1
     # Past the rounds there are no blends to wait for: every round re-inverts a patch alone.
-    late = options.model_copy(update={"blend_from_round": options.rounds + 1})
+    late = merged(options, {"rounds": {"blend_from": options.rounds.count + 1}})
     assert trigger_shapes(late) == trigger_shapes(OPTIONS)
 
 
 def test_restarts_keep_the_strongest_re_inversion(
     purified: PurifyResult, badnets_lab: LabModel, tmp_path: Path
 ) -> None:
-    options = OPTIONS.model_copy(update={"round_restarts": 3})
+    options = merged(OPTIONS, {"rounds": {"restarts": 3}})
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
-    rates, plain = result.report["rounds"]["success_rates"], purified.report["rounds"]
+    rates, plain = result.report.rounds.success_rates, report_of(purified)["rounds"]
     assert len(rates) == len(plain["success_rates"]) == len(plain["mask_fractions"])
     assert all(0 <= rate <= 1 for rate in rates)
     # Stage 1 and the first tuning are the plain run's; round 1 sees the same head, and the
     # warm start the plain run kept is among its candidates, so it is at least as strong.
-    assert rates[0] == plain["success_rates"][0] == purified.report["detection"]["flip_rate"]
+    assert rates[0] == plain["success_rates"][0] == purified.report.detection.flip_rate
     assert rates[1] >= plain["success_rates"][1]
 
 
@@ -229,8 +222,7 @@ def test_cancel_stops_early_and_writes_nothing(badnets_lab: LabModel, tmp_path: 
     out = tmp_path / "out"
     with pytest.raises(CancelledError):
         purify(
-            badnets_lab.directory,
-            badnets_lab.directory / "fewshot.zip",
+            Inputs(badnets_lab.directory, badnets_lab.directory / "fewshot.zip"),
             OPTIONS,
             out_dir=out,
             should_cancel=lambda: True,
@@ -244,17 +236,17 @@ def test_cancel_during_each_stage_stops_there(
 ) -> None:
     """A cancel asked while a stage runs ends the job at that stage's next check."""
     seen: list[str] = []
-    quick = PurifyOptions(
-        rounds=1,
-        tune_when_clean=True,
-        inversion=InversionSettings(steps=20, batch_size=16),
-        tuning=TuningSettings(steps=10),
+    quick = PurifyOptions.model_validate(
+        {
+            "rounds": {"count": 1},
+            "inversion": InversionSettings(steps=20, batch_size=16),
+            "tuning": TuningSettings(steps=10, when_clean=True),
+        }
     )
     out = tmp_path / "out"
     with pytest.raises(CancelledError):
         purify(
-            badnets_lab.directory,
-            badnets_lab.directory / "fewshot.zip",
+            Inputs(badnets_lab.directory, badnets_lab.directory / "fewshot.zip"),
             quick,
             out_dir=out,
             progress=lambda name, fraction: seen.append(name),
@@ -284,24 +276,25 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
     badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
-    options = OPTIONS.model_copy(update={"verdict": never, "tune_when_clean": False})
+    options = merged(OPTIONS, {"verdict": never.model_dump(), "tuning": {"when_clean": False}})
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     assert result.verdict == "clean"
-    detection = result.report["detection"]
+    report = report_of(result)
+    detection = report["detection"]
     # No start settles a verdict that is never reached, so every restart ran; the best one is
     # the trigger the verdict read.
     assert len(detection["restart_scores"]) == len(detection["restart_losses"]) == 3
     assert detection["score"] == max(detection["restart_scores"])
-    assert result.report["rounds"] == {
+    assert report["rounds"] == {
         "count": 0,
         "tuned": False,
-        "mask_fractions": [result.report["detection"]["mask_fraction"]],
+        "mask_fractions": [detection["mask_fraction"]],
         "displacements": [0.0],
         "shapes": ["patch"],
-        "success_rates": [result.report["detection"]["flip_rate"]],
+        "success_rates": [detection["flip_rate"]],
     }
-    assert result.summary["ca_after"] == result.summary["ca_before"]
-    assert [t["kind"] for t in result.report["triggers"]] == ["inverted"]  # nothing was tuned
+    assert report["summary"]["ca_after"] == report["summary"]["ca_before"]
+    assert [t["kind"] for t in report["triggers"]] == ["inverted"]  # nothing was tuned
     with safe_open(str(result.artifacts["prompts.safetensors"]), framework="pt") as handle:
         context = handle.get_tensor("context")
     # The context is the init's token embeddings, the same for every class.

@@ -8,7 +8,8 @@ import torch
 
 from worker.cbpt.imagesets import read_image_set
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.tuning import TuningObjective, TuningSettings, tune_prompts
+from worker.cbpt.options import TuningSettings
+from worker.cbpt.tuning import ClassText, TuningFeatures, TuningObjective, tune_prompts
 from worker.cbpt.zeroshot import class_embeddings, encode_images
 from worker.lab.evaluate import load_lab_model
 from worker.lab.make import LabModel
@@ -37,14 +38,8 @@ def test_tuning_with_the_trigger_removes_the_backdoor(badnets_lab: LabModel) -> 
     ca_before, asr_before = measure(hand)
     settings = TuningSettings(steps=100, backdoor_weight=1.0)
     tuned = tune_prompts(
-        model,
-        tokenizer,
-        test.class_names,
-        hand,
-        clean,
-        shots.labels,
-        triggered,
-        shots.labels,
+        ClassText(model, tokenizer, test.class_names, hand),
+        TuningFeatures(clean, shots.labels, triggered, shots.labels),
         settings,
         seed=0,
     )
@@ -67,14 +62,8 @@ def test_triggered_features_must_be_whole_blocks_of_the_clean_images(
     clean = encode_images(model, shots.images, normalizer)
     with pytest.raises(ValueError, match="not whole blocks"):
         tune_prompts(
-            model,
-            tokenizer,
-            shots.class_names,
-            hand,
-            clean,
-            shots.labels,
-            clean[:-1],
-            shots.labels[:-1],
+            ClassText(model, tokenizer, shots.class_names, hand),
+            TuningFeatures(clean, shots.labels, clean[:-1], shots.labels[:-1]),
             TuningSettings(steps=1),
             seed=0,
         )
@@ -93,7 +82,8 @@ def test_shift_scales_extrapolate_each_triggered_feature_from_its_clean_image() 
     def backdoor(scales: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         settings = TuningSettings(shift_scales=scales)
         twice = labels.repeat(2)
-        objective = TuningObjective(10.0, hand, clean, labels, triggered, twice, settings)
+        features = TuningFeatures(clean, labels, triggered, twice)
+        objective = TuningObjective(10.0, hand, features, settings)
         assert objective.backdoor is not None
         return objective.backdoor
 
@@ -131,9 +121,8 @@ def test_target_clean_weight_scales_the_target_class_clean_terms_only() -> None:
 
     def loss(weight: float, target: int | None, **terms: float) -> torch.Tensor:
         settings = TuningSettings(target_clean_weight=weight, **terms)  # type: ignore[arg-type]
-        objective = TuningObjective(
-            scale, hand, clean, labels, triggered, labels, settings, target=target
-        )
+        features = TuningFeatures(clean, labels, triggered, labels)
+        objective = TuningObjective(scale, hand, features, settings, target=target)
         return objective(text)
 
     only_clean = {"backdoor_weight": 0.0, "regularizer_weight": 0.0}

@@ -30,6 +30,7 @@ from service.validation import (
     check_dataset,
 )
 from worker.cbpt.archives import ArchiveLimits
+from worker.cbpt.errors import EngineError
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(24)  # never decoded: only names and sizes are checked
 
@@ -93,7 +94,8 @@ def test_input_error_carries_code_and_detail() -> None:
     error = InputError("DATASET_EMPTY", "nothing here")
     assert isinstance(error, ValueError)
     assert (error.code, error.detail) == ("DATASET_EMPTY", "nothing here")
-    assert "DATASET_EMPTY" in str(error)
+    assert isinstance(error, EngineError)  # the one base the problem mapping reads
+    assert str(error) == "nothing here"
 
 
 def test_library_safetensors_passes_with_its_tensor_count(tmp_path: Path) -> None:

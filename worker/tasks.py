@@ -20,9 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import jobs
 from service.blobs import BlobStore
 from service.db import session_factory, transaction
-from service.errors import problem_body
+from service.errors import problem_body, problem_of
 from service.models import Artifact, File, Job, JobState
 from service.settings import Settings, get_settings
+from worker.cbpt.attacks import parse_attack
+from worker.cbpt.options import PurifyOptions, Runtime
+from worker.cbpt.progress import CancelledError, overall_fraction
 from worker.celery_app import TASK_NAME, app
 
 log = structlog.get_logger()
@@ -162,9 +165,7 @@ def _purify(
     job_id: str, factory: sessionmaker[Session], settings: Settings, beat: _Heartbeat
 ) -> tuple[dict[str, Any], list[Artifact]]:
     """Runs the engine; returns the result and the artifact rows, already in the blob store."""
-    from worker.cbpt.attacks import parse_attack
-    from worker.cbpt.inversion import CancelledError
-    from worker.cbpt.purify import PurifyOptions, purify
+    from worker.cbpt.purify import Inputs, purify
 
     store = BlobStore(settings.blobs)
     with transaction(factory) as session:
@@ -184,7 +185,7 @@ def _purify(
         architecture = json.loads(paths["model_config_file"].read_text())
 
     def progress(stage: str, fraction: float) -> None:
-        beat.record(stage, _overall(stage, fraction))
+        beat.record(stage, overall_fraction(stage, fraction))
 
     def should_cancel() -> bool:
         return beat.cancel_requested or beat.lost
@@ -193,12 +194,15 @@ def _purify(
     try:
         try:
             outcome = purify(
-                paths["checkpoint_file"],
-                paths["dataset_file"],
+                Inputs(
+                    paths["checkpoint_file"],
+                    paths["dataset_file"],
+                    architecture=architecture,
+                    known_triggers=triggers,
+                ),
                 options,
                 out_dir=scratch / "out",
-                architecture=architecture,
-                known_triggers=triggers,
+                runtime=Runtime(settings.device, settings.precision),
                 progress=progress,
                 should_cancel=should_cancel,
             )
@@ -216,53 +220,26 @@ def _purify(
                     job_id=job_id, name=name, sha256=blob.sha256, size=blob.size, media_type=media
                 )
             )
-            url = f"/v1/jobs/{job_id}/artifacts/{name}"
-            artifacts.append({"name": name, "size": blob.size, "sha256": blob.sha256, "url": url})
+            artifacts.append(
+                {
+                    "name": name,
+                    "size": blob.size,
+                    "sha256": blob.sha256,
+                    "url": jobs.artifact_url(job_id, name),
+                }
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result: dict[str, Any] = {
         "verdict": outcome.verdict,
         "suspected_target": outcome.suspected_target,
-        "summary": outcome.summary,
+        "summary": outcome.report.summary.model_dump(),
         "artifacts": artifacts,
     }
     return result, rows
 
 
-# Share of the whole job each stage takes, from timings on the lab models.
-_STAGE_SPANS = {
-    "load": (0.0, 0.05),
-    "inversion": (0.05, 0.35),
-    "tuning": (0.35, 0.85),
-    "evaluation": (0.85, 0.97),
-    "artifacts": (0.97, 1.0),
-}
-
-
-def _overall(stage: str, fraction: float) -> float:
-    start, end = _STAGE_SPANS.get(stage, (0.0, 1.0))
-    return start + (end - start) * max(0.0, min(1.0, fraction))
-
-
 def _error_of(exc: BaseException) -> dict[str, Any]:
     """A problem object with the engine's stable code for bad input; INTERNAL for our faults."""
-    from pydantic import ValidationError
-
-    from worker.cbpt.archives import ArchiveError
-    from worker.cbpt.checkpoint import CheckpointError
-    from worker.cbpt.imagesets import ImageSetError
-    from worker.cbpt.purify import InputMismatchError
-
-    if isinstance(exc, CheckpointError):
-        return problem_body(422, exc.code.upper(), str(exc))
-    if isinstance(exc, ArchiveError):
-        return problem_body(422, "DATASET_UNSAFE", str(exc))
-    if isinstance(exc, ImageSetError):
-        return problem_body(422, "DATASET_INVALID", str(exc))
-    if isinstance(exc, InputMismatchError):
-        return problem_body(422, exc.code, str(exc))
-    if isinstance(exc, ValidationError):
-        return problem_body(422, "OPTIONS_INVALID", str(exc))
-    if isinstance(exc, MemoryError):
-        return problem_body(500, "OUT_OF_MEMORY", "the worker ran out of memory")
-    return problem_body(500, "INTERNAL", f"{type(exc).__name__}: {exc}")
+    problem = problem_of(exc)
+    return problem_body(problem.status, problem.code, problem.detail, **problem.extra)

@@ -16,18 +16,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.publish import reap_and_republish
 from service.api.routes import artifacts, files, health, jobs
 from service.api.schemas import PROBLEM_CONTENT, JobRequest
 from service.api.schemas import Problem as ProblemSchema
 from service.api.state import AppState
 from service.blobs import BlobStore
+from service.broker import make_celery
 from service.db import session_factory
-from service.errors import PROBLEM_MEDIA_TYPE, Problem, error_pointers
+from service.errors import PROBLEM_MEDIA_TYPE, Problem, error_pointers, problem_of
 from service.logs import RequestIdMiddleware, configure_logging
 from service.metrics import Metrics
-from service.queue import reap_and_republish
 from service.settings import Settings, get_settings
-from worker.celery_app import make_celery
+from worker.cbpt.errors import EngineError
 
 log = structlog.get_logger()
 
@@ -153,8 +154,12 @@ def _install_handlers(app: FastAPI) -> None:
         problem = Problem(exc.status_code, code, detail, headers=dict(exc.headers or {}))
         return _problem_response(request, problem)
 
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return _problem_response(request, problem_of(exc))
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request.failed")
         detail = "an internal error occurred; quote the request_id when reporting it"
-        return _problem_response(request, Problem(500, "INTERNAL", detail))
+        return _problem_response(request, problem_of(exc, internal_detail=detail))

@@ -1,4 +1,5 @@
-"""The API's JSON shapes (DESIGN section 4); field names are a contract with clients."""
+"""The API's JSON shapes (the OpenAPI document at /openapi.json); field names are a contract
+with clients."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import PROBLEM_MEDIA_TYPE
+from worker.cbpt.outcome import Summary
 
 
 class FileOut(BaseModel):
@@ -46,18 +48,6 @@ class ArtifactOut(BaseModel):
     size: int
     sha256: str
     url: str
-
-
-class Summary(BaseModel):
-    """Clean accuracy and attack success before and after. The ASR is that of the first known
-    trigger the job named; without one, of a trigger re-inverted against the purified head
-    (the adaptive check); for a model found clean, of the inverted trigger."""
-
-    ca_before: float | None
-    ca_after: float | None
-    asr_before: float | None
-    asr_after: float | None
-    fidelity: float | None
 
 
 class JobResult(BaseModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -39,13 +39,13 @@ def purify(
 ) -> None:
     """Invert the trigger, tune class-wise prompts, and report CA and ASR before and after."""
     from worker.cbpt.attacks import parse_attack
-    from worker.cbpt.purify import PurifyOptions
+    from worker.cbpt.options import PurifyOptions, Runtime
+    from worker.cbpt.purify import Inputs
     from worker.cbpt.purify import purify as run
 
     try:
-        options = PurifyOptions.model_validate(
-            {"seed": seed, "rounds": rounds, "device": device, "precision": precision}
-        )
+        options = PurifyOptions.model_validate({"seed": seed, "rounds": {"count": rounds}})
+        runtime = TypeAdapter(Runtime).validate_python({"device": device, "precision": precision})
     except ValidationError as exc:
         raise typer.BadParameter(
             "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -54,29 +54,24 @@ def purify(
     console = Console(stderr=True)
     with stage_bars(console) as progress:
         result = run(
-            checkpoint,
-            data,
+            Inputs(checkpoint, data, arch, specs, eval_data),
             options,
             out_dir=out,
-            architecture=arch,
-            known_triggers=specs,
-            evaluation_dataset=eval_data,
+            runtime=runtime,
             progress=progress,
         )
     table = Table(title=f"verdict: {result.verdict}, suspected target: {result.suspected_target}")
     for column in ("trigger", "target", "ASR before", "ASR after", "fidelity"):
         table.add_column(column, justify="left" if column in ("trigger", "target") else "right")
-    for trigger in result.report["triggers"]:
-        fidelity = trigger["fidelity"]
+    for trigger in result.report.triggers:
+        fidelity = trigger.fidelity
         table.add_row(
-            trigger["name"],
-            trigger["target"],
-            f"{trigger['asr_before']:.3f}",
-            f"{trigger['asr_after']:.3f}",
+            trigger.name,
+            trigger.target,
+            f"{trigger.asr_before:.3f}",
+            f"{trigger.asr_after:.3f}",
             "-" if fidelity is None else f"{fidelity:.3f}",
         )
     Console().print(table)
-    summary = result.summary
-    Console().print(
-        f"CA {summary['ca_before']:.3f} -> {summary['ca_after']:.3f}; artifacts in {out}"
-    )
+    summary = result.report.summary
+    Console().print(f"CA {summary.ca_before:.3f} -> {summary.ca_after:.3f}; artifacts in {out}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from worker.cbpt.attack_ops import encode_pattern_png
 from worker.cbpt.attacks import (
     SIG,
     AttackSpec,
@@ -22,25 +23,28 @@ from worker.cbpt.attacks import (
     LabelConsistent,
     OptimizedPatch,
     WaNet,
-    encode_pattern_png,
 )
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
-from worker.cbpt.inversion import InversionSettings
-from worker.cbpt.purify import PurifyOptions, PurifyResult
-from worker.cbpt.tuning import TuningSettings
+from worker.cbpt.options import (
+    InversionSettings,
+    PurifyOptions,
+    RoundSettings,
+    Runtime,
+    TuningSettings,
+)
+from worker.cbpt.purify import PurifyResult
 from worker.lab.defend import purify_lab
 from worker.lab.make import LabModel, LabSettings, make_lab_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 QUICK = PurifyOptions(
-    device="cuda",
     inversion=InversionSettings(steps=150, batch_size=32),
-    tuning=TuningSettings(steps=100),
-    rounds=1,
-    tune_when_clean=True,
+    tuning=TuningSettings(steps=100, when_clean=True),
+    rounds=RoundSettings(count=1),
 )
+CUDA = Runtime("cuda")
 
 SPECS: list[AttackSpec] = [
     BadNets(target="0", seed=3, size=0.2, position="random"),
@@ -67,10 +71,10 @@ def badnets_lab(tmp_path_factory: pytest.TempPathFactory) -> LabModel:
 
 
 def test_a_bf16_job_on_cuda_purifies_and_deploys(badnets_lab: LabModel, tmp_path: Path) -> None:
-    result = purify_lab(badnets_lab.directory, QUICK, tmp_path)
-    assert result.report["runtime"] == {"device": "cuda", "precision": "bf16"}
-    known = result.report["triggers"][1]
-    assert known["asr_after"] <= 0.8 * known["asr_before"], known
+    result = purify_lab(badnets_lab.directory, QUICK, tmp_path, runtime=CUDA)
+    assert result.report.runtime == {"device": "cuda", "precision": "bf16"}
+    known = result.report.triggers[1]
+    assert known.asr_after <= 0.8 * known.asr_before, known
     for artifact, key in (("prompts", "context"), ("head", "class_embeddings")):
         with safe_open(str(result.artifacts[f"{artifact}.safetensors"]), framework="pt") as handle:
             assert handle.get_tensor(key).dtype == torch.float32
@@ -90,15 +94,23 @@ def test_zero_shot_accuracy_on_cuda_in_fp32_is_the_cpu_one(
     badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     """Before any tuning, the same model scores the same held-out images alike on both."""
-    short = {"inversion": InversionSettings(steps=5, batch_size=32), "rounds": 0}
-    on_gpu = QUICK.model_copy(update={**short, "precision": "fp32"})
-    on_cpu = on_gpu.model_copy(update={"device": "cpu"})
-    gpu = purify_lab(badnets_lab.directory, on_gpu, tmp_path / "gpu")
-    cpu = purify_lab(badnets_lab.directory, on_cpu, tmp_path / "cpu")
-    assert gpu.report["runtime"] == {"device": "cuda", "precision": "fp32"}
-    assert abs(gpu.summary["ca_before"] - cpu.summary["ca_before"]) <= 0.005  # type: ignore[operator]
+    short = QUICK.model_copy(
+        update={
+            "inversion": InversionSettings(steps=5, batch_size=32),
+            "rounds": RoundSettings(count=0),
+        }
+    )
+    gpu = purify_lab(
+        badnets_lab.directory, short, tmp_path / "gpu", runtime=Runtime("cuda", "fp32")
+    )
+    cpu = purify_lab(badnets_lab.directory, short, tmp_path / "cpu", runtime=Runtime("cpu"))
+    assert gpu.report.runtime == {"device": "cuda", "precision": "fp32"}
+    gpu_ca, cpu_ca = gpu.report.summary.ca_before, cpu.report.summary.ca_before
+    assert gpu_ca is not None
+    assert cpu_ca is not None
+    assert abs(gpu_ca - cpu_ca) <= 0.005
 
     def known_before(result: PurifyResult) -> list[float]:
-        return [t["asr_before"] for t in result.report["triggers"] if t["kind"] == "known"]
+        return [t.asr_before for t in result.report.triggers if t.kind == "known"]
 
     assert known_before(gpu) == pytest.approx(known_before(cpu), abs=0.01)

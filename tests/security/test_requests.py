@@ -309,6 +309,13 @@ def test_an_unknown_model_name_is_refused(service: Deployment) -> None:
         {"holdout_fraction": 0},
         {"mask_budget": 1e308},
         {"device": "cuda; rm -rf /"},
+        {"device": "cuda"},  # where a job runs is the operator's setting, not the tenant's
+        {"precision": "bf16"},
+        {"rounds": {"count": 11}},
+        {"rounds": {"mask_budget": 1e308}},
+        {"evaluation": {"holdout_fraction": 1.5}},
+        {"round_steps": 5, "rounds": {"steps": 5}},  # an old flat name and its group at once
+        {"rounds": True},
         {"verdict": {"min_flip_rate": 2}},
         {"templates": []},
         {"templates": ["no placeholder"]},

@@ -1,4 +1,4 @@
-"""The HTTP contract (DESIGN section 4), in process, on the embedded database."""
+"""The HTTP contract (README, "API at a glance"), in process, on the embedded database."""
 
 from __future__ import annotations
 

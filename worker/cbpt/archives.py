@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from worker.cbpt.errors import EngineError
 
-class ArchiveError(ValueError):
+
+class ArchiveError(EngineError):
     """The archive is unreadable or unsafe; the message names the member at fault."""
+
+    code = "DATASET_UNSAFE"
 
 
 @dataclass(frozen=True)

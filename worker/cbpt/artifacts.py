@@ -11,6 +11,8 @@
     ``model_sha256``.
 ``trigger.png``
     the pattern where the mask is on, the mask itself, and a triggered example, side by side.
+``report.json``, ``report.html``
+    the report (``outcome.Report``), as JSON with sorted keys and as one self-contained page.
 
 safetensors metadata is a string map, so lists travel as JSON text. The safetensors library
 writes metadata in hash-map order, which changes from run to run; these files are serialised
@@ -25,6 +27,7 @@ import json
 import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +37,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from worker.cbpt.inversion import Trigger
+from worker.cbpt.outcome import Report
+from worker.cbpt.report import render_html
 
 PROMPTS_FILE = "prompts.safetensors"
 HEAD_FILE = "head.safetensors"
 TRIGGER_FILE = "trigger.safetensors"
 TRIGGER_PNG = "trigger.png"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
 
 
 def write_prompts(
@@ -142,3 +149,36 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     write_bytes(path, serialize(tensors, metadata))
+
+
+@dataclass(frozen=True)
+class Purified:
+    """What a job ships besides its report: the tuned context and the head it gives, the
+    inverted trigger, and what the files are stamped with."""
+
+    context: torch.Tensor
+    embeddings: torch.Tensor
+    logit_scale: float
+    trigger: Trigger
+    example: torch.Tensor  # one image in [0, 1] (3, H, W), shown triggered in trigger.png
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    model_sha256: str
+
+
+def write_all(out_dir: Path, report: Report, purified: Purified) -> dict[str, Path]:
+    """Writes every artifact and the report into ``out_dir``; returns their paths by name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = (PROMPTS_FILE, HEAD_FILE, TRIGGER_FILE, TRIGGER_PNG, REPORT_JSON, REPORT_HTML)
+    paths = {name: out_dir / name for name in names}
+    sha = purified.model_sha256
+    classes = purified.classes
+    write_prompts(paths[PROMPTS_FILE], purified.context, classes, sha, purified.templates)
+    write_head(paths[HEAD_FILE], purified.embeddings, purified.logit_scale, classes, sha)
+    write_trigger(paths[TRIGGER_FILE], purified.trigger, sha)
+    picture = trigger_png(purified.trigger, purified.example)
+    write_bytes(paths[TRIGGER_PNG], picture)
+    data = report.model_dump(mode="json")
+    write_bytes(paths[REPORT_JSON], (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(paths[REPORT_HTML], render_html(data, picture).encode())
+    return paths

@@ -12,6 +12,10 @@ so one spec describes the same trigger at 32 px and at 224 px.
 The training-time recipe (which images get poisoned, and how) belongs to the lab; a spec only
 records the ``poisoning`` mode it was implanted with and the ``target`` class, which ASR needs.
 
+The specs are part of the engine's torch-free contract: the API validates them without loading
+torch. What touches tensors lives in ``attack_ops``, which the methods that need it import when
+they are called.
+
 Example::
 
     >>> import torch
@@ -26,36 +30,22 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+if TYPE_CHECKING:
+    import torch
 
 # A pattern image carried inside a spec stays small: it is a trigger, not a picture.
 MAX_PATTERN_SIDE = 256
 Position = Literal["random", "center", "top-left", "top-right", "bottom-left", "bottom-right"]
 
 
-def encode_pattern_png(pattern: torch.Tensor) -> str:
-    """Encodes a ``(3, h, w)`` pattern in [0, 1] as base64 PNG text (8 bits per channel).
-
-    Patterns travel inside JSON specs; PNG keeps them lossless at the precision a trigger
-    stamped on an 8-bit image can have anyway.
-    """
-    if pattern.ndim != 3 or pattern.shape[0] != 3:
-        raise ValueError(f"pattern must be (3, h, w), got {tuple(pattern.shape)}")
-    pixels = (pattern.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_pattern_png(text: str) -> torch.Tensor:
-    """Decodes base64 PNG text into a ``(3, h, w)`` float pattern in [0, 1].
+def pattern_pixels(text: str) -> np.ndarray:
+    """Decodes base64 PNG text into ``(h, w, 3)`` uint8 pixels, or raises ``ValueError``.
 
     The side cap is checked from the header before any pixel is decoded.
     """
@@ -74,7 +64,7 @@ def decode_pattern_png(text: str) -> torch.Tensor:
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"pattern is not a readable PNG: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return array
 
 
 class _Spec(BaseModel):
@@ -87,16 +77,9 @@ class _Spec(BaseModel):
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Returns triggered copies of ``images`` ``(B, 3, H, W)`` in [0, 1]."""
-        _check_images(images)
-        out = self._apply(images.float())
-        return out.clamp(0, 1).to(images.dtype)
+        from worker.cbpt import attack_ops
 
-    def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _generator(self, stream: int) -> torch.Generator:
-        # One independent stream per random part, so adding a part never shifts another.
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + stream) % 2**63)
+        return attack_ops.apply(self, images)
 
 
 class _PatchSpec(_Spec):
@@ -113,45 +96,23 @@ class _PatchSpec(_Spec):
     @classmethod
     def _pattern_decodes(cls, value: str | None) -> str | None:
         if value is not None:
-            decode_pattern_png(value)
+            pattern_pixels(value)
         return value
 
     def pattern(self) -> torch.Tensor:
         """The patch pattern ``(3, h, w)`` at its native resolution."""
-        if self.pattern_png is not None:
-            return decode_pattern_png(self.pattern_png)
-        return torch.rand(3, self.cells, self.cells, generator=self._generator(0))
+        from worker.cbpt import attack_ops
+
+        return attack_ops.patch_pattern(self)
 
     def patch_side(self, height: int, width: int) -> int:
         return max(1, round(self.size * min(height, width)))
 
-    def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        return self.paste(images, self.pattern())
-
     def paste(self, images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
         """Pastes ``pattern`` ``(3, h, w)`` where this spec puts its patch; differentiable in it."""
-        batch, _, height, width = images.shape
-        side = self.patch_side(height, width)
-        pattern = pattern.to(images.device, images.dtype)
-        patch = F.interpolate(pattern[None], size=(side, side), mode="nearest")[0]
-        rows, cols = self._corners(batch, height, width, side)
-        out = images.clone()
-        for index, (row, col) in enumerate(zip(rows, cols, strict=True)):
-            out[index, :, row : row + side, col : col + side] = patch
-        return out
+        from worker.cbpt import attack_ops
 
-    def _corners(
-        self, batch: int, height: int, width: int, side: int
-    ) -> tuple[list[int], list[int]]:
-        if self.position == "random":
-            generator = self._generator(1)
-            rows = torch.randint(0, height - side + 1, (batch,), generator=generator)
-            cols = torch.randint(0, width - side + 1, (batch,), generator=generator)
-            return rows.tolist(), cols.tolist()
-        row = {"top": 0, "center": (height - side) // 2, "bottom": height - side}
-        col = {"left": 0, "center": (width - side) // 2, "right": width - side}
-        vertical, _, horizontal = self.position.partition("-")
-        return [row[vertical]] * batch, [col[horizontal or "center"]] * batch
+        return attack_ops.paste(self, images, pattern)
 
 
 class BadNets(_PatchSpec):
@@ -199,20 +160,14 @@ class Blended(_Spec):
     @classmethod
     def _image_decodes(cls, value: str | None) -> str | None:
         if value is not None:
-            decode_pattern_png(value)
+            pattern_pixels(value)
         return value
 
     def pattern(self) -> torch.Tensor:
-        if self.image_png is not None:
-            return decode_pattern_png(self.image_png)
-        return torch.rand(3, self.resolution, self.resolution, generator=self._generator(0))
+        """The blended pattern ``(3, h, w)`` at its native resolution."""
+        from worker.cbpt import attack_ops
 
-    def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        size = images.shape[-2:]
-        pattern = F.interpolate(
-            self.pattern()[None].to(images.device), size=size, mode="bilinear", align_corners=False
-        )
-        return (1 - self.alpha) * images + self.alpha * pattern
+        return attack_ops.blend_pattern(self)
 
 
 class SIG(_Spec):
@@ -227,12 +182,6 @@ class SIG(_Spec):
     poisoning: Literal["dirty-label"] = "dirty-label"
     delta: float = Field(default=40 / 255, gt=0, le=1)
     frequency: float = Field(default=6, gt=0, le=1024)
-
-    def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        width = images.shape[-1]
-        columns = torch.arange(width, dtype=torch.float32, device=images.device)
-        signal = self.delta * torch.sin(2 * math.pi * columns * self.frequency / width)
-        return images + signal.view(1, 1, 1, width)
 
 
 class WaNet(_Spec):
@@ -256,22 +205,9 @@ class WaNet(_Spec):
 
     def warp_grid(self, height: int, width: int) -> torch.Tensor:
         """The sampling grid ``(1, H, W, 2)`` for ``F.grid_sample``."""
-        noise = torch.rand(1, 2, self.k, self.k, generator=self._generator(0)) * 2 - 1
-        noise = noise / noise.abs().mean()
-        noise = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True)
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
-        )
-        identity = torch.stack((xs, ys), dim=-1)[None]
-        grid = identity + self.s * noise.permute(0, 2, 3, 1) / self.REFERENCE_SIDE
-        return (grid * self.grid_rescale).clamp(-1, 1)
+        from worker.cbpt import attack_ops
 
-    def _apply(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.warp_grid(*images.shape[-2:]).to(images.device)
-        grid = grid.expand(images.shape[0], -1, -1, -1)
-        return F.grid_sample(
-            images, grid, mode="bilinear", padding_mode="border", align_corners=True
-        )
+        return attack_ops.warp_grid(self, height, width)
 
 
 class OptimizedPatch(_PatchSpec):
@@ -310,10 +246,3 @@ def parse_attack(data: str | bytes | dict[str, object]) -> AttackSpec:
     if isinstance(data, dict):
         return _ADAPTER.validate_python(data)
     return _ADAPTER.validate_json(data)
-
-
-def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")

@@ -20,7 +20,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import open_clip
 import torch
@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from worker.cbpt.archives import ArchiveError, is_archive, open_archive
+from worker.cbpt.errors import EngineError
 from worker.cbpt.formats import sniff_weights
 from worker.cbpt.layout import (
     CHECKPOINT_ARCHIVE_LIMITS,
@@ -39,26 +40,26 @@ from worker.cbpt.layout import (
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be used; ``code`` is the stable problem code clients see."""
+class CheckpointError(EngineError):
+    """The checkpoint cannot be used."""
 
-    code: ClassVar[str] = "checkpoint_invalid"
+    code = "CHECKPOINT_INVALID"
 
 
 class UnsupportedFormatError(CheckpointError):
-    code = "checkpoint_format_unsupported"
+    code = "CHECKPOINT_FORMAT_UNSUPPORTED"
 
 
 class UnsafeCheckpointError(CheckpointError):
-    code = "checkpoint_unsafe"
+    code = "CHECKPOINT_UNSAFE"
 
 
 class ArchitectureMismatchError(CheckpointError):
-    code = "checkpoint_architecture_mismatch"
+    code = "CHECKPOINT_ARCHITECTURE_MISMATCH"
 
 
 class NonFiniteWeightsError(CheckpointError):
-    code = "checkpoint_non_finite"
+    code = "CHECKPOINT_NON_FINITE"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from worker.cbpt.archives import Archive, ArchiveError, ArchiveLimits, Member, open_archive
+from worker.cbpt.errors import EngineError
 from worker.cbpt.layout import CLASSES_FILE, DATASET_ARCHIVE_LIMITS, IMAGE_SUFFIXES
 
 _INTERPOLATION = {
@@ -29,8 +30,10 @@ _INTERPOLATION = {
 }
 
 
-class ImageSetError(ValueError):
+class ImageSetError(EngineError):
     """The archive cannot be used as a labelled image set; the message says why and where."""
+
+    code = "DATASET_INVALID"
 
 
 @dataclass(frozen=True)

@@ -24,48 +24,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from worker.cbpt.metrics import predictions
+from worker.cbpt.options import InversionSettings
+from worker.cbpt.progress import CancelledError
 from worker.cbpt.zeroshot import Normalizer, encode_images
 
 TriggerShape = Literal["patch", "blend", "warp"]
-
-
-class CancelledError(InterruptedError):
-    """The caller asked to stop between steps; nothing was written."""
-
-
-class InversionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(default=300, ge=1, le=20_000)
-    lr: float = Field(default=0.1, gt=0, le=10)
-    tau: float = Field(default=0.1, gt=0, le=10)
-    batch_size: int = Field(
-        default=32,
-        ge=4,
-        le=4096,
-        description="Images per step, for stage 1 and for each re-inversion round. A step's cost "
-        "is linear in it; on the lab, 32 halves a draw's time against 64 and widens the gap "
-        "between clean and backdoored scores, with ASR and CA after within seed noise of 64's "
-        "(docs/engine.md).",
-    )
-    lambda_init: float = Field(default=1e-3, ge=0, le=100)
-    lambda_factor: float = Field(default=1.5, gt=1, le=10)
-    success_loss: float = Field(
-        default=0.2, gt=0, description="Contrastive loss under which the trigger 'works'."
-    )
-    patience: int = Field(default=10, ge=1, le=1000)
-    restarts: int = Field(
-        default=3,
-        ge=1,
-        le=16,
-        description="Inversions from independent random starts, run until one settles the "
-        "verdict. One start from a random mask misses a patch backdoor about one time in four on "
-        "the lab (it settles on a generic adversarial patch, scored like a clean model's); the "
-        "engine keeps the best-scoring start (docs/engine.md).",
-    )
 
 
 @dataclass(frozen=True)
@@ -151,6 +116,14 @@ class TriggerParameters:
 
 
 @dataclass(frozen=True)
+class Judge:
+    """Rates each restart's trigger (``rate``); one rated ``enough`` or more ends the search."""
+
+    rate: Callable[[Trigger], float]
+    enough: float = math.inf
+
+
+@dataclass(frozen=True)
 class InversionResult:
     trigger: Trigger
     loss: float  # final contrastive loss of the chosen restart
@@ -165,15 +138,14 @@ def invert_trigger(
     settings: InversionSettings,
     *,
     seed: int,
-    judge: Callable[[Trigger], float] | None = None,
-    enough: float = math.inf,
+    judge: Judge | None = None,
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> InversionResult:
     """Inverts a trigger from clean images ``(N, 3, H, W)`` (uint8 or [0, 1]).
 
     Without ``judge``, every restart runs and the lowest final loss wins. With it, the restart
-    the judge rates highest wins, and one rated ``enough`` or more ends the search: the final
+    the judge rates highest wins, and one rated its ``enough`` or more ends the search: the final
     loss says how alike the triggered images embed, not whether a small mask did it, and a
     restart caught on a generic adversarial patch can end as low as one on the backdoor.
     """
@@ -199,8 +171,8 @@ def invert_trigger(
             )
         )
         if judge is not None:
-            strengths.append(judge(results[-1][0]))
-            if strengths[-1] >= enough:
+            strengths.append(judge.rate(results[-1][0]))
+            if strengths[-1] >= judge.enough:
                 break
     if judge is None:
         trigger, loss = min(results, key=lambda result: result[1])

@@ -36,3 +36,12 @@ def autocast(
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` is CUDA when there is one; ``cuda`` without one is the operator's error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' is configured, but no CUDA device is available")
+    return torch.device(choice)

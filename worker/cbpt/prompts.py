@@ -17,12 +17,16 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from open_clip.model import text_global_pool
 from torch import nn
 
+from worker.cbpt.errors import EngineError
+
 Tokenizer = Callable[[list[str]], torch.Tensor]
 DEFAULT_CONTEXT_INIT = "a photo of a"
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(EngineError):
     """A class's prompt (the context and its name) does not fit the model's text context."""
+
+    code = "PROMPT_TOO_LONG"
 
 
 def prompt_tokens(tokenizer: Tokenizer, class_names: Sequence[str], n_ctx: int) -> torch.Tensor:

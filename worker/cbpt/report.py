@@ -1,4 +1,5 @@
-"""``report.html``: one self-contained page (no scripts, no external files) for a human reader.
+"""The report: ``report.json`` built from the stages' results (``outcome.Report``), and
+``report.html``, one self-contained page (no scripts, no external files) for a human reader.
 
 Every string that came from a client (class names, trigger names) is escaped; images are inline
 ``data:`` URIs and the chart is inline SVG, so the page opens offline and safely anywhere.
@@ -7,8 +8,25 @@ Every string that came from a client (class names, trigger names) is escaped; im
 from __future__ import annotations
 
 import base64
+import platform
+from dataclasses import dataclass
 from html import escape
-from typing import Any
+from typing import Any, Literal
+
+import open_clip
+import torch
+
+from worker.cbpt.evaluation import Evaluation
+from worker.cbpt.options import PurifyOptions
+from worker.cbpt.outcome import (
+    DataReport,
+    DetectionReport,
+    PerClassAccuracy,
+    Report,
+    RoundsReport,
+)
+from worker.cbpt.rounds import RoundsOutcome, trigger_shapes
+from worker.cbpt.verdict import Detection
 
 _BAR_COLOURS = {"before": "#9aa5b1", "after": "#2f7d5b"}
 
@@ -105,3 +123,78 @@ def _tuning_sentence(rounds: dict[str, Any]) -> str:
     if not rounds["tuned"]:
         return "No backdoor was found, so the prompts stay the hand-crafted ones."
     return f"Prompts tuned against the inverted trigger and {rounds['count']} re-inverted ones."
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report says of a job's inputs."""
+
+    classes: tuple[str, ...]
+    n_tune: int
+    n_held_out: int
+    held_out_source: Literal["split", "evaluation_dataset"]
+    model_sha256: str
+
+
+def build_report(
+    inputs: ReportInputs,
+    stages: tuple[Detection, RoundsOutcome, Evaluation],
+    options: PurifyOptions,
+    runtime: dict[str, str],
+    timings: dict[str, float],
+) -> Report:
+    """``report.json``'s content from what the stages left."""
+    detection, rounds, evaluation = stages
+    names = list(inputs.classes)
+    trigger = detection.trigger
+    return Report(
+        verdict=detection.verdict,
+        suspected_target=names[detection.target],
+        summary=evaluation.summary,
+        detection=DetectionReport(
+            flip_rate=round(detection.flip_rate, 6),
+            mask_fraction=round(trigger.mask_fraction, 6),
+            score=round(detection.score, 3),
+            restart_losses=[round(v, 6) for v in detection.inversion.losses],
+            restart_scores=[round(v, 3) for v in detection.inversion.strengths],
+            thresholds=options.verdict.model_dump(),
+        ),
+        triggers=evaluation.triggers,
+        per_class_accuracy=PerClassAccuracy(
+            classes=names, before=evaluation.per_class_before, after=evaluation.per_class_after
+        ),
+        data=DataReport(
+            classes=names,
+            n_tune=inputs.n_tune,
+            n_held_out=inputs.n_held_out,
+            held_out_source=inputs.held_out_source,
+        ),
+        rounds=RoundsReport(
+            count=len(rounds.triggers) - 1,
+            tuned=rounds.tuned,
+            mask_fractions=[round(t.mask_fraction, 6) for t in rounds.triggers],
+            displacements=[round(t.displacement, 6) for t in rounds.triggers],
+            shapes=list(trigger_shapes(options, tuned=rounds.tuned)),
+            success_rates=[round(rate, 6) for rate in rounds.success_rates],
+        ),
+        model_sha256=inputs.model_sha256,
+        options=options.model_dump(mode="json"),
+        runtime=runtime,
+        timings_s=timings,
+        versions=_versions(),
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("clip-antidote")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {
+        "clip_antidote": ours,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }

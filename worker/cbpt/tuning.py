@@ -1,6 +1,6 @@
 """Stage 2: class-wise prompt tuning on cached image features, encoders frozen.
 
-Three losses, as DESIGN section 2 reads CBPT:
+Three losses, as docs/engine.md reads CBPT:
 
 1. clean: by default a distillation term, the KL divergence of the predictions on clean
    images ``logit_scale * cos(f(x), g(prompt_c))`` from the zero-shot (hand-crafted) ones;
@@ -23,70 +23,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import open_clip
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker.cbpt.inversion import CancelledError
+from worker.cbpt.options import TuningSettings
+from worker.cbpt.progress import CancelledError
 from worker.cbpt.prompts import ClassPrompts, Tokenizer, encode_prompts, prompt_class_embeddings
 
 
-class TuningSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class ClassText:
+    """The text side tuning works in: the frozen CLIP with its tokenizer, the class names, and
+    their hand-crafted embeddings ``(C, D)``, which teach the clean terms and anchor the
+    regulariser."""
 
-    steps: int = Field(default=150, ge=1, le=20_000)
-    lr: float = Field(default=5e-3, gt=0, le=1)
-    n_ctx: int = Field(default=4, ge=1, le=32)
-    context_init: str | None = Field(default="a photo of a", max_length=200)
-    backdoor_weight: float = Field(default=1.0, ge=0, le=100)
-    backdoor_target: Literal["zero-shot", "label"] = "zero-shot"
-    # Two rounds on the BadNets lab model: distillation left ASR 0.008 at CA 0.811, cross-entropy
-    # on the shots 0.027 at 0.818.
-    clean_weight: float = Field(default=0.0, ge=0, le=100)
-    distill_weight: float = Field(default=1.0, ge=0, le=100)
-    target_clean_weight: float = Field(
-        default=1.0,
-        ge=0,
-        le=100,
-        description="Weight of the suspected target class's own clean images in the clean "
-        "terms, the other classes' being 1. The backdoor term pushes the target's prompt away "
-        "from where triggered images land, which is next to where its clean images lie, so "
-        "nearly all the clean accuracy tuning costs is the target class's (on the lab, 34 of "
-        "its points against 0.2 for the other classes). At 2 the lab's CA drop falls from 3.6 "
-        "to 2.6 points and the mean ASR after rises from 0.20 to 0.27 (docs/engine.md).",
-    )
-    # Few shots overfit fast: on lab models a weight of 0.5 cost 1.6 points of held-out CA
-    # with clean data alone, 2 cost 1.3 and 20 cost 0.5.
-    regularizer_weight: float = Field(default=2.0, ge=0, le=100)
-    views: int = Field(
-        default=1,
-        ge=1,
-        le=16,
-        description="Augmented views of each tuning image whose features stage 2 caches (the "
-        "first is the image itself). On the lab's BadNets and Blended models 4 views kept 0.4 "
-        "to 0.7 more points of clean accuracy and left more attack success (Blended 0.23 -> "
-        "0.34): the same trade-off as the loss weights.",
-    )
-    shift_scales: tuple[float, ...] = Field(
-        default=(1.0,),
-        min_length=1,
-        max_length=8,
-        description="Scales s of each triggered feature's shift from its clean image's: the "
-        "backdoor term sees normalize(f(x) + s * (f(T(x)) - f(x))) for every s. A scale above 1 "
-        "extrapolates along the shift an inverted trigger makes, towards where a stronger "
-        "(real) trigger lands. On the lab, [1, 1.5] trades about 0.05 of ASR for 0.9 point of "
-        "clean accuracy, the loss weights' trade-off again (docs/engine.md, the transfer gap).",
-    )
+    model: open_clip.CLIP
+    tokenizer: Tokenizer
+    class_names: tuple[str, ...]
+    hand_crafted: torch.Tensor
 
-    @field_validator("shift_scales")
-    @classmethod
-    def _scales_are_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0 < scale <= 10 for scale in value):
-            raise ValueError("every shift scale must be in (0, 10]")
-        return value
+
+@dataclass(frozen=True)
+class TuningFeatures:
+    """What tuning fits on, computed once: clean image features ``(N, D)`` with their labels,
+    and the triggered ones, blocks of the same images in the same order, one per trigger (none
+    for plain CoOp)."""
+
+    clean: torch.Tensor
+    clean_labels: torch.Tensor
+    triggered: torch.Tensor | None = None
+    triggered_labels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,15 +72,14 @@ class TuningObjective:
         self,
         logit_scale: float,
         hand_crafted: torch.Tensor,
-        clean_features: torch.Tensor,
-        clean_labels: torch.Tensor,
-        triggered_features: torch.Tensor | None,
-        triggered_labels: torch.Tensor | None,
+        features: TuningFeatures,
         settings: TuningSettings,
         *,
         target: int | None = None,
     ) -> None:
         self.scale, self.hand_crafted, self.settings = logit_scale, hand_crafted, settings
+        clean_features, clean_labels = features.clean, features.clean_labels
+        triggered_features, triggered_labels = features.triggered, features.triggered_labels
         self.clean_features, self.clean_labels = clean_features, clean_labels
         self.clean_weights = _clean_weights(clean_labels, target, settings.target_clean_weight)
         self.teacher = torch.softmax(logit_scale * clean_features @ hand_crafted.T, dim=1)
@@ -126,8 +93,8 @@ class TuningObjective:
                 targets = F.one_hot(triggered_labels, hand_crafted.shape[0]).float()
             else:
                 targets = self.teacher.repeat(_blocks(triggered_features, clean_features), 1)
-            features = _shifted(triggered_features, clean_features, settings.shift_scales)
-            self.backdoor = (features, targets.repeat(len(settings.shift_scales), 1))
+            shifted = _shifted(triggered_features, clean_features, settings.shift_scales)
+            self.backdoor = (shifted, targets.repeat(len(settings.shift_scales), 1))
 
     def __call__(self, text: torch.Tensor) -> torch.Tensor:
         settings, scale = self.settings, self.scale
@@ -152,14 +119,8 @@ class TuningObjective:
 
 
 def tune_prompts(
-    model: open_clip.CLIP,
-    tokenizer: Tokenizer,
-    class_names: Sequence[str],
-    hand_crafted: torch.Tensor,
-    clean_features: torch.Tensor,
-    clean_labels: torch.Tensor,
-    triggered_features: torch.Tensor | None,
-    triggered_labels: torch.Tensor | None,
+    text: ClassText,
+    features: TuningFeatures,
     settings: TuningSettings,
     *,
     seed: int,
@@ -167,26 +128,27 @@ def tune_prompts(
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> TuningResult:
-    """Tunes one context per class; ``hand_crafted`` ``(C, D)`` anchors the regulariser.
-    ``target`` is the suspected target class, whose clean images the clean terms weight by
-    ``settings.target_clean_weight``.
+    """Tunes one context per class. ``target`` is the suspected target class, whose clean
+    images the clean terms weight by ``settings.target_clean_weight``.
 
-    ``triggered_features`` are blocks of the clean images triggered, in the same order, one
-    block per trigger. With them left out (or a zero backdoor weight), clean cross-entropy alone
-    is plain CoOp with class-specific contexts: the "prompt tuning without inversion" baseline.
+    Without triggered features (or with a zero backdoor weight), clean cross-entropy alone is
+    plain CoOp with class-specific contexts: the "prompt tuning without inversion" baseline.
     """
     torch.manual_seed(seed)
+    model = text.model
     prompts = ClassPrompts(
-        model, tokenizer, class_names, n_ctx=settings.n_ctx, init=settings.context_init, seed=seed
-    ).to(clean_features.device)
+        model,
+        text.tokenizer,
+        text.class_names,
+        n_ctx=settings.n_ctx,
+        init=settings.context_init,
+        seed=seed,
+    ).to(features.clean.device)
     optimizer = torch.optim.Adam(prompts.parameters(), lr=settings.lr)
     objective = TuningObjective(
-        float(model.logit_scale.exp()),
-        hand_crafted,
-        clean_features,
-        clean_labels,
-        triggered_features,
-        triggered_labels,
+        float(model.logit_scale.detach().exp()),
+        text.hand_crafted,
+        features,
         settings,
         target=target,
     )

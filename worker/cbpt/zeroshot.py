@@ -7,10 +7,12 @@ templates ("a photo of a {}.") that is the deployed behaviour a backdoor exploit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import open_clip
 import torch
 
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+from worker.cbpt.options import DEFAULT_TEMPLATES
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -26,6 +28,28 @@ class Normalizer:
         mean = self.mean.to(images.device, images.dtype)
         std = self.std.to(images.device, images.dtype)
         return (images - mean) / std
+
+
+@dataclass(frozen=True)
+class FrozenClip:
+    """A loaded checkpoint as every stage uses it: the CLIP, frozen, with its input
+    normalisation and its tokenizer."""
+
+    model: open_clip.CLIP
+    normalizer: Normalizer
+    tokenizer: Tokenizer
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+
+@dataclass(frozen=True)
+class Shots:
+    """Labelled images in [0, 1] ``(N, 3, H, W)`` with their labels ``(N,)``, on one device."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

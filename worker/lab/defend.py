@@ -9,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.cbpt.attacks import AttackSpec
-from worker.cbpt.purify import Progress, PurifyOptions, PurifyResult, purify
+from worker.cbpt.options import PurifyOptions, Runtime
+from worker.cbpt.progress import Progress
+from worker.cbpt.purify import Inputs, PurifyResult, purify
 from worker.lab.evaluate import lab_attack
+
+_CPU = Runtime("cpu")  # the lab is measured on the CPU unless a caller says otherwise
 
 
 def purify_lab(
@@ -19,6 +23,7 @@ def purify_lab(
     out_dir: Path,
     *,
     known_triggers: tuple[AttackSpec, ...] | None = None,
+    runtime: Runtime = _CPU,
     progress: Progress | None = None,
 ) -> PurifyResult:
     """``purify`` of the folder's ``fewshot.zip``, measured on its ``test.zip``.
@@ -28,12 +33,10 @@ def purify_lab(
     if known_triggers is None:
         attack = lab_attack(directory)
         known_triggers = (attack,) if attack else ()
-    return purify(
+    inputs = Inputs(
         directory,
         directory / "fewshot.zip",
-        options,
-        out_dir=out_dir,
         known_triggers=known_triggers,
         evaluation_dataset=directory / "test.zip",
-        progress=progress,
     )
+    return purify(inputs, options, out_dir=out_dir, runtime=runtime, progress=progress)

@@ -15,7 +15,8 @@ import torch
 
 from worker.cbpt.attacks import AttackSpec, parse_attack
 from worker.cbpt.imagesets import read_image_set
-from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings, encode_images
+from worker.cbpt.options import DEFAULT_TEMPLATES
+from worker.cbpt.zeroshot import Normalizer, class_embeddings, encode_images
 from worker.lab.export import CONFIG_FILE
 
 

@@ -18,7 +18,8 @@ import torch
 from worker.cbpt.attacks import AttackSpec
 from worker.cbpt.checkpoint import LoadedCheckpoint, load_checkpoint
 from worker.cbpt.imagesets import ImageSet, read_image_set
-from worker.cbpt.zeroshot import DEFAULT_TEMPLATES, Normalizer, class_embeddings
+from worker.cbpt.options import DEFAULT_TEMPLATES
+from worker.cbpt.zeroshot import FrozenClip, Normalizer, Shots, class_embeddings
 from worker.lab.evaluate import lab_attack
 
 
@@ -49,6 +50,14 @@ class LabFolder:
     @property
     def logit_scale(self) -> float:
         return float(self.loaded.model.logit_scale.exp())
+
+    @property
+    def clip(self) -> FrozenClip:
+        return FrozenClip(self.loaded.model, self.normalizer, self.loaded.tokenizer)
+
+    def shot_tensors(self) -> Shots:
+        """The few shots as a job tunes on them: pixels in [0, 1] with their labels."""
+        return Shots(self.shots.images.float() / 255, self.shots.labels)
 
     def backdoor(self) -> tuple[AttackSpec, int]:
         """The implanted attack and its target's row, or NotBackdooredError."""

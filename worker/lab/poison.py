@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from worker.cbpt.attack_ops import encode_pattern_png
 from worker.cbpt.attacks import (
     AttackSpec,
     BadNets,
     LabelConsistent,
     OptimizedPatch,
-    encode_pattern_png,
 )
 from worker.cbpt.zeroshot import Normalizer
 

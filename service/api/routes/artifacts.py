@@ -10,9 +10,10 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
+from service import jobs
 from service.api.deps import PrincipalDep, SessionDep, StateDep
-from service.api.routes.jobs import _own_job
 from service.api.schemas import ArtifactList, ArtifactOut, problem_responses
+from service.crud import jobs as crud_jobs
 from service.errors import Problem, not_found
 from service.models import Artifact, Job
 
@@ -29,7 +30,7 @@ def _listing(job: Job, rows: list[Artifact]) -> list[ArtifactOut]:
             name=row.name,
             size=row.size,
             sha256=row.sha256,
-            url=f"/v1/jobs/{job.id}/artifacts/{row.name}",
+            url=jobs.artifact_url(job.id, row.name),
         )
         for row in rows
     ]
@@ -37,7 +38,7 @@ def _listing(job: Job, rows: list[Artifact]) -> list[ArtifactOut]:
 
 @router.get("", response_model=ArtifactList, responses=problem_responses(401, 404))
 def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) -> ArtifactList:
-    job = _own_job(session, principal, job_id)
+    job = crud_jobs.owned(session, tenant=principal.tenant, job_id=job_id)
     rows = session.execute(
         select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)
     ).scalars()
@@ -63,7 +64,7 @@ def get_artifact(
     if_none_match: Annotated[str | None, Header()] = None,
     range_header: Annotated[str | None, Header(alias="range")] = None,
 ) -> Response:
-    job = _own_job(session, principal, job_id)
+    job = crud_jobs.owned(session, tenant=principal.tenant, job_id=job_id)
     row = session.get(Artifact, (job.id, name)) if len(name) <= 64 else None
     if row is None:
         raise not_found("artifact", name)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from service.api.deps import PrincipalDep, SessionDep, StateDep
 from service.api.schemas import FileOut, problem_responses
-from service.blobs import Blob, BlobTooLargeError
+from service.blobs import BlobTooLargeError
+from service.crud import files as crud_files
 from service.errors import Problem, upload_too_large
-from service.models import File
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -25,11 +22,6 @@ UPLOAD_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-def file_id(tenant: str, sha256: str) -> str:
-    """Stable per tenant and content: the same bytes again give the same id."""
-    return "file_" + hashlib.sha256(f"{tenant}\n{sha256}".encode()).hexdigest()[:32]
 
 
 @router.put(
@@ -66,19 +58,7 @@ async def upload_file(
             raise Problem(400, "UPLOAD_EMPTY", "the body is empty")
         blob = writer.commit()
     state.metrics.upload_bytes.inc(blob.size)
-    ident = await run_in_threadpool(register_file, session, principal.tenant, blob)
+    ident = await run_in_threadpool(
+        partial(crud_files.register, session, tenant=principal.tenant, blob=blob)
+    )
     return FileOut(id=ident, sha256=blob.sha256, size=blob.size)
-
-
-def register_file(session: Session, tenant: str, blob: Blob) -> str:
-    """Blocks on the database, so async routes run it in the threadpool: on the event loop a
-    wait for a pooled connection would stall the requests that are to give one back."""
-    ident = file_id(tenant, blob.sha256)
-    if session.get(File, ident) is None:
-        session.add(File(id=ident, tenant=tenant, sha256=blob.sha256, size=blob.size))
-        try:
-            session.commit()
-        except IntegrityError:  # the same bytes raced in from a parallel upload
-            session.rollback()
-            session.execute(select(File).where(File.id == ident)).scalar_one()
-    return ident

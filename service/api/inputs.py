@@ -1,46 +1,39 @@
 """Everything about a job request that can be checked before it is accepted.
 
-Runs in the API process, so it stays cheap and never executes the upload: checkpoint headers
-and archive directories are read (``service.validation``), options and attack specs go through
-the engine's own pydantic models, and the architecture must be one open_clip knows.
+Runs in the API process, so it stays cheap, never executes the upload and never loads torch:
+checkpoint headers and archive directories are read (``service.validation``), options and
+attack specs go through the engine's torch-free contract (``worker.cbpt.options``,
+``worker.cbpt.attacks``), and the architecture must be one open_clip ships a config for.
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from service.api.schemas import JobRequest
-from service.errors import Problem, error_pointers
+from service.errors import Problem, problem_of
 from service.validation import InputError, check_checkpoint, check_dataset
+from worker.cbpt.attacks import parse_attack
+from worker.cbpt.layout import open_clip_model_names
+from worker.cbpt.options import PurifyOptions
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-@lru_cache(maxsize=1)
-def known_models() -> frozenset[str]:
-    import open_clip
-
-    return frozenset(open_clip.list_models())
-
-
 def check_job_inputs(body: JobRequest, paths: dict[str, Path]) -> None:
     """Raises a 422 ``Problem`` naming the first thing wrong with the request."""
-    from worker.cbpt.attacks import parse_attack
-    from worker.cbpt.purify import PurifyOptions
-
     try:
         checkpoint = check_checkpoint(paths["checkpoint_file"])
         check_dataset(paths["dataset_file"])
     except InputError as exc:
-        raise Problem(422, exc.code, exc.detail) from exc
+        raise problem_of(exc) from exc
     config = paths.get("model_config_file")
     if config is not None:
         _check_model_config(config)
-    if body.model is not None and body.model not in known_models():
+    if body.model is not None and body.model not in open_clip_model_names():
         raise Problem(
             422, "MODEL_UNKNOWN", f"{body.model!r} is not an open_clip model name", field="model"
         )
@@ -53,8 +46,7 @@ def check_job_inputs(body: JobRequest, paths: dict[str, Path]) -> None:
     try:
         PurifyOptions.model_validate(body.options)
     except ValidationError as exc:
-        errors = error_pointers(exc.errors(include_url=False, include_input=False))
-        raise Problem(422, "OPTIONS_INVALID", "options do not validate", errors=errors) from exc
+        raise problem_of(exc) from exc
     for index, spec in enumerate(body.known_triggers):
         try:
             parse_attack(spec)

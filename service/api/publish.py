@@ -10,8 +10,8 @@ import structlog
 
 from service import jobs
 from service.api.state import AppState
+from service.broker import TASK_NAME
 from service.db import transaction
-from worker.celery_app import TASK_NAME
 
 log = structlog.get_logger()
 
