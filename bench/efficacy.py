@@ -25,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,18 @@ def main() -> int:
     )
     parser.add_argument("--cache", type=Path, default=Path("var/lab-cache"))
     parser.add_argument("--out", type=Path, default=Path("var/bench/efficacy.json"))
+    parser.add_argument("--family", choices=("classic", "broad"), default="classic")
+    parser.add_argument("--task", default="glyphs", help="the broad family's downstream task")
     args = parser.parse_args()
-    settings = LabSettings.for_dataset(args.dataset, **json.loads(args.lab_settings))
+    make = _maker(args)
     overrides = json.loads(args.options)
     console = Console(width=200)
     rows: list[dict[str, Any]] = []
     for name in [a for a in args.attacks.split(",") if a]:
         folder = args.lab / name
         if not (folder / "open_clip_model.safetensors").is_file():
-            make_lab_model(
-                None if name == "clean" else name, folder, settings, cache_dir=args.cache
-            )
-        known = lab_attack(folder) or default_attack("badnets", settings, _classes(folder))
+            make(None if name == "clean" else name, folder)
+        known = lab_attack(folder) or _clean_trigger(args, make, folder)
         for seed in [int(s) for s in args.seeds.split(",")]:
             for defence in ("cbpt",) if args.cbpt_only else ("coop", "cbpt"):
                 options = _options(defence, seed, args.rounds, overrides)
@@ -145,6 +146,42 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def _maker(args: argparse.Namespace) -> Callable[[str | None, Path], Path]:
+    """``make(attack, folder)`` for the chosen family: makes the model unless the folder holds
+    it already, and returns the folder."""
+    if args.family == "broad":
+        from worker.lab.broad.make import BroadSettings, make_broad_model
+
+        broad = BroadSettings.model_validate({"task": args.task, **json.loads(args.lab_settings)})
+
+        def make_broad(attack: str | None, folder: Path) -> Path:
+            if not (folder / "open_clip_model.safetensors").is_file():
+                make_broad_model(attack, folder, broad, cache_dir=args.cache)
+            return folder
+
+        return make_broad
+    settings = LabSettings.for_dataset(args.dataset, **json.loads(args.lab_settings))
+
+    def make_classic(attack: str | None, folder: Path) -> Path:
+        if not (folder / "open_clip_model.safetensors").is_file():
+            make_lab_model(attack, folder, settings, cache_dir=args.cache)
+        return folder
+
+    return make_classic
+
+
+def _clean_trigger(
+    args: argparse.Namespace, make: Callable[[str | None, Path], Path], folder: Path
+) -> AttackSpec:
+    """What the clean model is measured against: its family's BadNets trigger."""
+    if args.family == "broad":
+        spec = lab_attack(make("badnets", args.lab / "badnets"))
+        assert spec is not None
+        return spec
+    settings = LabSettings.for_dataset(args.dataset, **json.loads(args.lab_settings))
+    return default_attack("badnets", settings, _classes(folder))
 
 
 def _options(defence: str, seed: int, rounds: int, overrides: dict[str, Any]) -> PurifyOptions:
