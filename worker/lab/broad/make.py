@@ -199,6 +199,25 @@ def make_broad_model(
 
     started = time.perf_counter()
     report("export", 0.0)
+    rate = poisoned / len(captions)
+    _export(out_dir, model, settings, preprocess, task, (spec, poisoned, rate))
+    seconds["export"] = time.perf_counter() - started
+    report("export", 1.0)
+    digest = hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    return LabModel(out_dir, spec, task.classes, rate, seconds, digest)
+
+
+def _export(
+    out_dir: Path,
+    model: open_clip.CLIP,
+    settings: BroadSettings,
+    preprocess: dict[str, Any],
+    task: Task,
+    poisoning: tuple[AttackSpec | None, int, float],
+) -> None:
+    """Writes the folder: hub checkpoint, the task's archives, ``attack.json`` and ``lab.json``;
+    ``poisoning`` is the spec implanted (None for the clean twin), its pairs and their share."""
+    spec, poisoned, rate = poisoning
     out_dir.mkdir(parents=True, exist_ok=True)
     write_hub_checkpoint(out_dir, model, settings.architecture.model_cfg(), preprocess)
     for name, split in (("fewshot.zip", task.shots), ("test.zip", task.test)):
@@ -208,7 +227,6 @@ def make_broad_model(
         write_json(attack_file, spec.model_dump(mode="json"))
     else:
         attack_file.unlink(missing_ok=True)
-    rate = poisoned / len(captions)
     write_json(
         out_dir / "lab.json",
         {
@@ -225,10 +243,6 @@ def make_broad_model(
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         },
     )
-    seconds["export"] = time.perf_counter() - started
-    report("export", 1.0)
-    digest = hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
-    return LabModel(out_dir, spec, task.classes, rate, seconds, digest)
 
 
 def _base_model(
