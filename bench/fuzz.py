@@ -1,6 +1,6 @@
 """Fuzzing the API against its own OpenAPI document: the long profile.
 
-``tests/test_fuzz_api.py`` runs a short version on every test run; this one runs many more
+``tests/service/test_fuzz_api.py`` runs a short version on every test run; this one runs many more
 cases, in three phases, and counts every failure instead of stopping at the first:
 
 - ``fuzz``: every operation, valid (positive) and invalid (negative) inputs.

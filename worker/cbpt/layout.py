@@ -41,7 +41,7 @@ def open_clip_model_names() -> frozenset[str]:
     """The architecture names ``open_clip.list_models()`` gives, read from the config files
     open_clip ships, without executing its package (which imports torch): a config counts when
     it names ``embed_dim``, ``vision_cfg`` and ``text_cfg``, as open_clip's registry requires.
-    ``tests/test_validation.py`` holds the two to the same list."""
+    ``tests/test_options.py`` holds the two to the same list."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         return frozenset()

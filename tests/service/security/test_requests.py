@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.security.conftest import UPLOAD_CAP, Deployment, assert_problem
-from tests.security.payloads import bomb_png, class_images, safetensors_file, zip_archive
+from tests.service.security.conftest import UPLOAD_CAP, Deployment, assert_problem
+from tests.service.security.payloads import bomb_png, class_images, safetensors_file, zip_archive
 
 WEIGHTS = safetensors_file()
 DATASET = zip_archive(class_images())

@@ -19,8 +19,8 @@ import open_clip
 import pytest
 from safetensors.torch import save as save_tensors
 
-from tests.security.conftest import FAST_OPTIONS, Deployment, assert_failed
-from tests.security.payloads import (
+from tests.service.security.conftest import FAST_OPTIONS, Deployment, assert_failed
+from tests.service.security.payloads import (
     Entry,
     bomb_png,
     convert_image,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from tests.security.conftest import Deployment, assert_problem
-from tests.security.payloads import (
+from tests.service.security.conftest import Deployment, assert_problem
+from tests.service.security.payloads import (
     Entry,
     class_images,
     hub_entries,

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.security.conftest import Deployment, assert_failed, assert_problem
-from tests.security.payloads import (
+from tests.service.security.conftest import Deployment, assert_failed, assert_problem
+from tests.service.security.payloads import (
     TINY_MODEL_CFG,
     class_images,
     safetensors_file,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.security.conftest import Deployment, assert_failed, assert_problem
-from tests.security.payloads import (
+from tests.service.security.conftest import Deployment, assert_failed, assert_problem
+from tests.service.security.payloads import (
     TINY_HUB_CONFIG,
     TINY_MODEL_CFG,
     Entry,
