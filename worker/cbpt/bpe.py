@@ -4,7 +4,7 @@ The options contract checks that ``tuning.context_init`` fills exactly ``n_ctx``
 vectors, and the API checks options, but the API must not load torch. open_clip's
 ``SimpleTokenizer`` does the counting, and its module imports torch at the top, so this module
 applies the same byte-pair merges, read from the vocabulary file open_clip ships, to count
-tokens the way it does. ``tests/test_bpe.py`` holds the two to the same counts.
+tokens the way it does. ``tests/test_options.py`` holds the two to the same counts.
 """
 
 from __future__ import annotations
