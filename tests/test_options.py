@@ -3,9 +3,11 @@ releases, and BPE token counts that agree with open_clip's tokenizer."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from open_clip.tokenizer import SimpleTokenizer
@@ -117,3 +119,22 @@ def test_model_names_are_open_clips() -> None:
     import open_clip
 
     assert open_clip_model_names() == frozenset(open_clip.list_models())
+
+
+def test_a_job_queued_before_the_upgrade_still_runs(tmp_path: Path) -> None:
+    """Jobs accepted while device and precision were job options may still name them; the
+    worker reads them with its own settings instead of failing them."""
+    code = (
+        "from worker.tasks import _job_options\n"
+        "options = _job_options({'device': 'cuda', 'precision': 'bf16', 'rounds': 1})\n"
+        "print(options.rounds.count)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "ANTIDOTE_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "1"

@@ -178,7 +178,7 @@ def _purify(
             if request.get(key)
         }
     paths = {key: store.path(row.sha256) for key, row in blobs.items() if row is not None}
-    options = PurifyOptions.model_validate(request.get("options") or {})
+    options = _job_options(request.get("options") or {})
     triggers = tuple(parse_attack(spec) for spec in request.get("known_triggers", []))
     architecture: str | dict[str, Any] | None = request.get("model")
     if "model_config_file" in paths:
@@ -243,3 +243,12 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
     """A problem object with the engine's stable code for bad input; INTERNAL for our faults."""
     problem = problem_of(exc)
     return problem_body(problem.status, problem.code, problem.detail, **problem.extra)
+
+
+def _job_options(raw: dict[str, Any]) -> PurifyOptions:
+    """A job's options as the API accepted them. A job accepted before device and precision
+    became the worker's settings may still name them: the worker's settings win, so that a job
+    queued across an upgrade runs rather than fails."""
+    return PurifyOptions.model_validate(
+        {name: value for name, value in raw.items() if name not in ("device", "precision")}
+    )
