@@ -56,16 +56,12 @@ def detect(
     progress: Callable[[float], None] | None = None,
     should_cancel: ShouldCancel | None = None,
 ) -> Detection:
-    """Inverts a trigger on ``shots`` under the zero-shot head ``hand`` and judges it."""
-    inversion = invert_for_verdict(
-        clip, hand, shots, options, progress=progress, should_cancel=should_cancel
-    )
-    trigger = inversion.trigger
-    labels = shots.labels.cpu()
-    target, flip = flip_statistics(clip.model, clip.normalizer, hand, shots.pixels, labels, trigger)
-    return Detection(
-        inversion, target, flip, verdict_of(flip, trigger.mask_fraction, options.verdict)
-    )
+    """Inverts a trigger on ``shots`` under the zero-shot head ``hand`` and judges it: the
+    winner's target and flip rate are the ones its judge measured, not measured again."""
+    inversion, measured = _judged_inversion(clip, hand, shots, options, progress, should_cancel)
+    target, flip = measured[inversion.strengths.index(max(inversion.strengths))]
+    mask_fraction = inversion.trigger.mask_fraction
+    return Detection(inversion, target, flip, verdict_of(flip, mask_fraction, options.verdict))
 
 
 def invert_for_verdict(
@@ -81,13 +77,29 @@ def invert_for_verdict(
 
     Benchmarks call this too, so that what they measure is the trigger a job would find.
     """
+    return _judged_inversion(clip, hand, shots, options, progress, should_cancel)[0]
+
+
+def _judged_inversion(
+    clip: FrozenClip,
+    hand: torch.Tensor,
+    shots: Shots,
+    options: PurifyOptions,
+    progress: Callable[[float], None] | None,
+    should_cancel: ShouldCancel | None,
+) -> tuple[InversionResult, list[tuple[int, float]]]:
+    """The inversion, and each restart's target and flip rate, in the order they ran."""
     labels = shots.labels.cpu()
+    measured: list[tuple[int, float]] = []
 
     def strength(trigger: Trigger) -> float:
-        _, flip = flip_statistics(clip.model, clip.normalizer, hand, shots.pixels, labels, trigger)
+        target, flip = flip_statistics(
+            clip.model, clip.normalizer, hand, shots.pixels, labels, trigger
+        )
+        measured.append((target, flip))
         return detection_strength(flip, trigger.mask_fraction, options.verdict)
 
-    return invert_trigger(
+    inversion = invert_trigger(
         clip.model,
         clip.normalizer,
         shots.pixels,
@@ -97,6 +109,7 @@ def invert_for_verdict(
         progress=progress,
         should_cancel=should_cancel,
     )
+    return inversion, measured
 
 
 def backdoor_score(flip_rate: float, mask_fraction: float) -> float:
