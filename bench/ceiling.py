@@ -42,7 +42,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.cbpt.attacks import ATTACK_NAMES
+from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec
 from worker.cbpt.evaluation import stratified_split
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
 from worker.cbpt.zeroshot import encode_images
@@ -80,9 +80,12 @@ def main() -> int:
     except NotBackdooredError as exc:
         console.print(str(exc))
         return 1
+    specs: dict[str, AttackSpec] = {}
     for name, folder in folders:
         lab = open_lab_folder(folder)
-        shots, test, target = _features(lab)
+        spec, target = lab.backdoor()
+        specs[name] = spec
+        shots, test = _features(lab, spec)
         scale, hand = lab.logit_scale, lab.hand
         half, other = stratified_split(test.labels, 0.5, args.seed)
         before = _measure(hand, test.subset(other), target)
@@ -109,26 +112,19 @@ def main() -> int:
             )
     console.print(table)
     if (args.lab / "clean" / "open_clip_model.safetensors").is_file():
-        console.print(_clean_twin(args.lab / "clean", folders, args.steps))
+        console.print(_clean_twin(args.lab / "clean", specs, args.steps))
     return 0
 
 
-def _clean_twin(clean: Path, folders: list[tuple[str, Path]], steps: int) -> Table:
+def _clean_twin(clean: Path, specs: dict[str, AttackSpec], steps: int) -> Table:
     """Each attack's real trigger on the clean twin: zero-shot, and under a 16-shot clean head."""
     lab = open_lab_folder(clean)
     table = Table(title="the clean twin under each real trigger (CA / ASR, test set)")
     for column in ("trigger", "zero-shot", "16-shot head (clean CE)"):
         table.add_column(column, justify="left" if column == "trigger" else "right")
-    for name, folder in folders:
-        spec, target = open_lab_folder(folder).backdoor()
-        shots, test = (
-            Features(
-                encode_images(lab.model, images.images, lab.normalizer),
-                encode_images(lab.model, images.images, lab.normalizer, transform=spec.apply),
-                images.labels,
-            )
-            for images in (lab.shots, lab.test)
-        )
+    for name, spec in specs.items():
+        target = lab.class_names.index(spec.target or "")
+        shots, test = _features(lab, spec)
         head = _fit(lab.hand, shots, lab.logit_scale, 0.0, steps)
         table.add_row(
             name, _pair(_measure(lab.hand, test, target)), _pair(_measure(head, test, target))
@@ -136,18 +132,17 @@ def _clean_twin(clean: Path, folders: list[tuple[str, Path]], steps: int) -> Tab
     return table
 
 
-def _features(lab: LabFolder) -> tuple[Features, Features, int]:
-    """Clean and really triggered features of the shots and of the test set, and the target."""
-    spec, target = lab.backdoor()
-    sets = [
+def _features(lab: LabFolder, spec: AttackSpec) -> tuple[Features, Features]:
+    """Clean and triggered features of the shots and of the test set, under ``spec``."""
+    shots, test = (
         Features(
             encode_images(lab.model, images.images, lab.normalizer),
             encode_images(lab.model, images.images, lab.normalizer, transform=spec.apply),
             images.labels,
         )
         for images in (lab.shots, lab.test)
-    ]
-    return sets[0], sets[1], target
+    )
+    return shots, test
 
 
 def _fit(
