@@ -1,4 +1,5 @@
-"""Efficacy benchmark: no defence vs prompt tuning without inversion (CoOp) vs CBPT.
+"""Efficacy benchmark: no defence vs prompt tuning without inversion (CoOp) vs tuning the
+weights (CleanCLIP on the shots, ``worker/lab/finetune.py``) vs CBPT.
 
 For the clean lab model and each backdoored one (made by, or shared with, ``bench/lab.py``),
 purifies with the 16-shot ``fewshot.zip`` and measures on the lab's held-out ``test.zip``: CA,
@@ -39,17 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.suite import merged
 from worker.cbpt.attacks import ATTACK_NAMES, AttackSpec
 from worker.cbpt.metrics import attack_success_rate, clean_accuracy, predictions
-from worker.cbpt.options import PurifyOptions, TuningSettings
+from worker.cbpt.options import LossWeights, PurifyOptions, TuningSettings
 from worker.cbpt.tuning import (
     ClassText,
     TuningFeatures,
     TuningObjective,
     tune_prompts,
 )
-from worker.cbpt.zeroshot import encode_images
+from worker.cbpt.zeroshot import class_embeddings, encode_images
 from worker.lab.datasets import default_dataset
 from worker.lab.defend import purify_lab
 from worker.lab.evaluate import lab_attack
+from worker.lab.finetune import FinetuneSettings, finetune_on_shots
 from worker.lab.folder import open_lab_folder
 from worker.lab.make import LabSettings, default_attack, make_lab_model
 
@@ -66,7 +68,14 @@ def main() -> int:
         "--options", default="{}", help="CBPT options as JSON, over the defaults (PurifyOptions)"
     )
     parser.add_argument(
-        "--cbpt-only", action="store_true", help="skip CoOp and the oracle: compare CBPT variants"
+        "--cbpt-only",
+        action="store_true",
+        help="skip CoOp, the weight-tuning baseline and the oracle: compare CBPT variants",
+    )
+    parser.add_argument(
+        "--finetune",
+        default="{}",
+        help="the weight-tuning baseline's FinetuneSettings as JSON, over the defaults",
     )
     parser.add_argument("--lab", type=Path, default=Path("var/bench/lab"))
     parser.add_argument(
@@ -82,7 +91,8 @@ def main() -> int:
     args = parser.parse_args()
     make = _maker(args)
     overrides = json.loads(args.options)
-    console = Console(width=200)
+    finetune = FinetuneSettings.model_validate(json.loads(args.finetune))
+    console = Console(width=220)
     rows: list[dict[str, Any]] = []
     for name in [a for a in args.attacks.split(",") if a]:
         folder = args.lab / name
@@ -104,14 +114,17 @@ def main() -> int:
                         "seed": seed,
                         "defence": defence,
                         "verdict": result.verdict,
+                        "suspected_target": result.suspected_target,
                         "seconds": round(seconds, 1),
                         **summary,
                         "flip_rate": report["detection"]["flip_rate"],
                         "mask_fraction": report["detection"]["mask_fraction"],
                         "score": report["detection"]["score"],
                         "restart_scores": report["detection"]["restart_scores"],
+                        "objective": report["rounds"]["objective"],
+                        "label_fit": report["rounds"]["label_fit"],
                         "timings_s": report["timings_s"],
-                        **_accuracy_by_side(report, known.target),
+                        **_accuracy_by_side(report, known.target or ""),
                         # The adaptive check: what a trigger re-inverted against the purified
                         # head still gets, the job's own estimate of the ASR left.
                         "reinverted_asr_after": next(
@@ -129,9 +142,17 @@ def main() -> int:
                     f"{summary['ca_after']:.3f} ASR {summary['asr_before']:.3f}->"
                     f"{summary['asr_after']:.3f} verdict {result.verdict} ({seconds:.0f} s)"
                 )
+            if not args.cbpt_only:
+                rows.append(weight_tuning(folder, known, seed, finetune, name))
+                console.print(
+                    f"{name} seed {seed} finetune: CA {rows[-1]['ca_after']:.3f} "
+                    f"ASR {rows[-1]['asr_after']:.3f} ({rows[-1]['seconds']:.0f} s)"
+                )
             if name != "clean" and not args.cbpt_only:
                 base = _options("cbpt", seed, 0, overrides)
-                for defence, (ca, asr) in oracle(folder, known, base).items():
+                job = next(r for r in reversed(rows) if r["defence"] == "cbpt")
+                weights = base.tuning.loss_weights(job["objective"] == "labels")
+                for defence, (ca, asr) in oracle(folder, known, base, weights).items():
                     rows.append(
                         {
                             "model": name,
@@ -141,7 +162,8 @@ def main() -> int:
                             "asr_after": asr,
                         }
                     )
-    _print(console, rows, args.dataset)
+    family = f"the broad family's {args.task}" if args.family == "broad" else args.dataset
+    _print(console, rows, family)
     _print_means(console, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -187,9 +209,7 @@ def _clean_trigger(
 def _options(defence: str, seed: int, rounds: int, overrides: dict[str, Any]) -> PurifyOptions:
     if defence == "coop":
         # Prompt tuning on clean cross-entropy alone; the inversion still runs, for the verdict.
-        tuning = TuningSettings(
-            backdoor_weight=0.0, regularizer_weight=0.0, clean_weight=1.0, distill_weight=0.0
-        )
+        tuning = TuningSettings(objective="labels", backdoor_weight=0.0, regularizer_weight=0.0)
         return PurifyOptions.model_validate(
             {"seed": seed, "tuning": {**tuning.model_dump(), "when_clean": True}, "rounds": 0}
         )
@@ -198,10 +218,11 @@ def _options(defence: str, seed: int, rounds: int, overrides: dict[str, Any]) ->
 
 
 def oracle(
-    folder: Path, trigger: AttackSpec, options: PurifyOptions
+    folder: Path, trigger: AttackSpec, options: PurifyOptions, weights: LossWeights
 ) -> dict[str, tuple[float, float]]:
-    """Test CA and ASR after tuning on the real trigger's features of the shots: prompts tuned
-    once ("oracle") and a free linear head ("ceiling")."""
+    """Test CA and ASR after tuning on the real trigger's features of the shots, with the
+    objective the job chose (``weights``): prompts tuned once ("oracle") and a free linear head
+    ("ceiling")."""
     lab = open_lab_folder(folder, templates=options.templates)
     model, normalizer, shots, test, hand = lab.model, lab.normalizer, lab.shots, lab.test, lab.hand
     clean = encode_images(model, shots.images, normalizer)
@@ -213,9 +234,10 @@ def oracle(
         options.tuning,
         seed=options.seed,
         target=target,
+        weights=weights,
     )
     ceiling = _free_head(
-        hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning, target
+        hand, clean, shots.labels, triggered, lab.logit_scale, options.tuning, target, weights
     )
     test_clean = encode_images(model, test.images, normalizer)
     test_triggered = encode_images(model, test.images, normalizer, transform=trigger.apply)
@@ -228,6 +250,35 @@ def oracle(
     return {"oracle": measure(tuned.class_embeddings), "ceiling": measure(ceiling)}
 
 
+def weight_tuning(
+    folder: Path, trigger: AttackSpec, seed: int, settings: FinetuneSettings, model_name: str
+) -> dict[str, Any]:
+    """The weight-tuning baseline's row: CleanCLIP-style fine-tuning of both towers on the same
+    shots, then the test CA and the real trigger's ASR under the tuned model's zero-shot head."""
+    lab = open_lab_folder(folder)
+    shots = lab.shot_tensors()
+    started = time.perf_counter()
+    tuned = finetune_on_shots(
+        lab.model, lab.normalizer, lab.loaded.tokenizer, shots, lab.class_names, settings, seed=seed
+    )
+    seconds = time.perf_counter() - started
+    head = class_embeddings(tuned, lab.loaded.tokenizer, lab.class_names)
+    test = lab.test
+    target = lab.class_names.index(trigger.target or "")
+    clean = predictions(encode_images(tuned, test.images, lab.normalizer), head)
+    triggered = predictions(
+        encode_images(tuned, test.images, lab.normalizer, transform=trigger.apply), head
+    )
+    return {
+        "model": model_name,
+        "seed": seed,
+        "defence": "finetune",
+        "ca_after": clean_accuracy(clean, test.labels),
+        "asr_after": attack_success_rate(triggered, test.labels, target),
+        "seconds": round(seconds, 1),
+    }
+
+
 def _free_head(
     hand: torch.Tensor,
     clean: torch.Tensor,
@@ -236,13 +287,14 @@ def _free_head(
     scale: float,
     settings: TuningSettings,
     target: int,
+    terms: LossWeights,
     steps: int = 1000,
 ) -> torch.Tensor:
     """A linear head fitted with CBPT's own tuning objective, no prompts."""
     weights = torch.nn.Parameter(hand.clone())
     optimizer = torch.optim.Adam([weights], lr=5e-3)
     features = TuningFeatures(clean, labels, triggered, labels)
-    objective = TuningObjective(scale, hand, features, settings, target=target)
+    objective = TuningObjective(scale, hand, features, settings, target=target, weights=terms)
     for _ in range(steps):
         loss = objective(F.normalize(weights, dim=1))
         optimizer.zero_grad()
@@ -255,19 +307,24 @@ def _classes(folder: Path) -> tuple[str, ...]:
     return tuple(json.loads((folder / "lab.json").read_text())["classes"])
 
 
-def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
-    table = Table(title=f"efficacy on {dataset} lab models (held-out test set)")
+def _print(console: Console, rows: list[dict[str, Any]], lab: str) -> None:
+    table = Table(title=f"efficacy on {lab} lab models (held-out test set)")
     columns = (
         "model",
         "seed",
         "verdict",
+        "suspected",
         "score",
         "flip",
         "mask",
+        "objective (CV zero-shot / labels)",
         "CA none",
         "ASR none",
         "CA CoOp",
         "ASR CoOp",
+        "CA FT",
+        "ASR FT",
+        "FT (s)",
         "CA CBPT",
         "ASR CBPT",
         "fidelity CBPT",
@@ -279,24 +336,31 @@ def _print(console: Console, rows: list[dict[str, Any]], dataset: str) -> None:
         "ASR ceiling",
     )
     for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+        table.add_column(
+            column, justify="left" if column in ("model", "verdict", "suspected") else "right"
+        )
     by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault((row["model"], row["seed"]), {})[row["defence"]] = row
     for (model, seed), pair in by_key.items():
-        cbpt, coop = pair["cbpt"], pair.get("coop", {})
+        cbpt, coop, tuned = pair["cbpt"], pair.get("coop", {}), pair.get("finetune", {})
         best, ceiling = pair.get("oracle", {}), pair.get("ceiling", {})
         table.add_row(
             model,
             str(seed),
             cbpt["verdict"],
+            cbpt["suspected_target"],
             f"{cbpt['score']:.1f}",
             _f(cbpt["flip_rate"]),
             _f(cbpt["mask_fraction"]),
+            _objective(cbpt),
             _f(cbpt["ca_before"]),
             _f(cbpt["asr_before"]),
             _f(coop.get("ca_after")),
             _f(coop.get("asr_after")),
+            _f(tuned.get("ca_after")),
+            _f(tuned.get("asr_after")),
+            "-" if "seconds" not in tuned else f"{tuned['seconds']:.0f}",
             _f(cbpt["ca_after"]),
             _f(cbpt["asr_after"]),
             _f(cbpt["fidelity"]),
@@ -340,6 +404,14 @@ def _print_means(console: Console, rows: list[dict[str, Any]]) -> None:
             f"  accuracy drop, mean: the target class {sum(target) / len(target):.3f}, "
             f"the other classes (mean per class) {sum(others) / len(others):.3f}"
         )
+
+
+def _objective(row: dict[str, Any]) -> str:
+    """What CBPT fitted, and the cross-validated accuracies that chose it."""
+    fit = row.get("label_fit")
+    if not fit:
+        return str(row.get("objective", "-"))
+    return f"{row['objective']} ({fit['zero_shot']:.3f} / {fit['fitted']:.3f})"
 
 
 def _f(value: float | None) -> str:

@@ -13,6 +13,9 @@ test images of the other classes, with ``d = f(T(x)) - f(x)`` each image's featu
 - ``share along u``: the share of the real shift's energy along ``u``.
 
 A ratio above 1 is why ``tuning.shift_scales`` extrapolates the inverted shift (docs/engine.md).
+The table also names the class stage 1 suspects (the real target or not), its flip rate and its
+mask. ``--options`` runs stage 1 with other settings, e.g. ``'{"inversion": {"success_loss":
+0.05}}'``.
 
     .venv/bin/python bench/transfer.py [--lab var/bench/lab] [--attacks badnets,wanet] [--seed 0]
 """
@@ -20,6 +23,7 @@ A ratio above 1 is why ``tuning.shift_scales`` extrapolates the inverted shift (
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cbpt.attacks import ATTACK_NAMES
 from worker.cbpt.options import PurifyOptions
-from worker.cbpt.verdict import invert_for_verdict
+from worker.cbpt.verdict import detect
 from worker.cbpt.zeroshot import encode_images
 from worker.lab.folder import LabFolder, NotBackdooredError, backdoored_folders, open_lab_folder
 
@@ -43,11 +47,16 @@ def main() -> int:
     parser.add_argument("--lab", type=Path, default=Path("var/bench/lab"))
     parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--options", default="{}", help="PurifyOptions as JSON for stage 1")
     args = parser.parse_args()
+    options = PurifyOptions.model_validate({**json.loads(args.options), "seed": args.seed})
     console = Console(width=160)
     table = Table(title=f"feature shift of the real trigger against stage 1's (seed {args.seed})")
     columns = (
         "model",
+        "suspected",
+        "flip",
+        "mask",
         "score",
         "cos(means)",
         "cos(images)",
@@ -64,16 +73,17 @@ def main() -> int:
         console.print(str(exc))
         return 1
     for name, folder in folders:
-        table.add_row(name, *_shift_row(open_lab_folder(folder), args.seed))
+        table.add_row(name, *_shift_row(open_lab_folder(folder), options))
         console.print(f"{name} measured")
     console.print(table)
     return 0
 
 
-def _shift_row(lab: LabFolder, seed: int) -> list[str]:
+def _shift_row(lab: LabFolder, options: PurifyOptions) -> list[str]:
     model, normalizer, test = lab.model, lab.normalizer, lab.test
     spec, target = lab.backdoor()
-    inversion = invert_for_verdict(lab.clip, lab.hand, lab.shot_tensors(), PurifyOptions(seed=seed))
+    detection = detect(lab.clip, lab.hand, lab.shot_tensors(), options)
+    inversion = detection.inversion
     others = test.images[test.labels != target]
     clean = encode_images(model, others, normalizer)
     real = encode_images(model, others, normalizer, transform=spec.apply) - clean
@@ -84,6 +94,9 @@ def _shift_row(lab: LabFolder, seed: int) -> list[str]:
         float((inverted @ direction).mean()),
     )
     return [
+        lab.class_names[detection.target],
+        f"{detection.flip_rate:.3f}",
+        f"{inversion.trigger.mask_fraction:.4f}",
         f"{max(inversion.strengths):.1f}",
         f"{float(direction @ F.normalize(real.mean(0), dim=0)):.3f}",
         f"{float(F.cosine_similarity(real, inverted).mean()):.3f}",

@@ -89,10 +89,36 @@ def test_options_named_twice_or_outside_the_contract_are_refused(
         PurifyOptions.model_validate(options)
 
 
-def test_a_random_context_is_tuned_even_on_a_clean_model() -> None:
-    assert not PurifyOptions().tunes_when_clean
-    assert PurifyOptions.model_validate({"tuning": {"context_init": None}}).tunes_when_clean
-    assert PurifyOptions.model_validate({"tuning": {"when_clean": True}}).tunes_when_clean
+def test_a_clean_model_is_tuned_when_fitting_labels_gains_or_when_asked() -> None:
+    default = PurifyOptions()
+    assert default.tunes_when_clean(fits_labels=True)
+    assert not default.tunes_when_clean(fits_labels=False)
+    never = PurifyOptions.model_validate({"tuning": {"when_clean": False}})
+    assert not never.tunes_when_clean(fits_labels=True)
+    for forced in ({"context_init": None}, {"when_clean": True}):
+        options = PurifyOptions.model_validate({"tuning": forced})
+        assert options.tunes_when_clean(fits_labels=False)
+    # A named objective settles it, whatever the cross-validation said.
+    named = PurifyOptions.model_validate({"tuning": {"objective": "zero-shot"}})
+    assert not named.tunes_when_clean(fits_labels=True)
+    labels = PurifyOptions.model_validate({"tuning": {"objective": "labels"}})
+    assert labels.tunes_when_clean(fits_labels=False)
+
+
+def test_the_objective_sets_the_loss_weights_and_explicit_ones_win() -> None:
+    tuning = PurifyOptions().tuning
+    fitted, kept = tuning.loss_weights(True), tuning.loss_weights(False)
+    assert (fitted.clean, fitted.distill, fitted.backdoor_target) == (1.0, 0.0, "label")
+    assert (kept.clean, kept.distill, kept.backdoor_target) == (0.0, 1.0, "zero-shot")
+    assert (fitted.regularizer, kept.regularizer) == (0.0, 2.0)
+    assert fitted.fits_labels
+    assert not kept.fits_labels
+    mixed = PurifyOptions.model_validate(
+        {"tuning": {"distill_weight": 0.5, "regularizer_weight": 1}}
+    ).tuning
+    assert mixed.loss_weights(True).distill == 0.5
+    assert mixed.loss_weights(True).regularizer == mixed.loss_weights(False).regularizer == 1
+    assert not mixed.loss_weights(True).fits_labels  # distillation still holds decisions
 
 
 def test_token_counts_are_open_clips() -> None:

@@ -285,7 +285,10 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
     # the trigger the verdict read.
     assert len(detection["restart_scores"]) == len(detection["restart_losses"]) == 3
     assert detection["score"] == max(detection["restart_scores"])
-    assert report["rounds"] == {
+    rounds = report["rounds"]
+    assert rounds.pop("objective") in ("labels", "zero-shot")
+    assert rounds.pop("label_fit") is not None  # "auto" cross-validated, whatever it chose
+    assert rounds == {
         "count": 0,
         "tuned": False,
         "mask_fractions": [detection["mask_fraction"]],
@@ -299,3 +302,29 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
         context = handle.get_tensor("context")
     # The context is the init's token embeddings, the same for every class.
     torch.testing.assert_close(context, context[:1].expand_as(context))
+
+
+def test_a_model_found_clean_where_labels_gain_is_tuned_on_its_clean_shots_alone(
+    badnets_lab: LabModel, tmp_path: Path
+) -> None:
+    """Objective "labels" stands for a cross-validation that found label fitting better: the
+    prompts are tuned (when_clean "auto"), on the clean shots alone, with no rounds."""
+    never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
+    options = merged(
+        OPTIONS,
+        {"verdict": never.model_dump(), "tuning": {"when_clean": "auto", "objective": "labels"}},
+    )
+    result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
+    assert result.verdict == "clean"
+    report = report_of(result)
+    rounds = report["rounds"]
+    assert rounds["tuned"]
+    assert rounds["objective"] == "labels"
+    assert rounds["label_fit"] is None  # named, not cross-validated
+    assert (rounds["count"], rounds["shapes"]) == (0, ["patch"])
+    assert [t["kind"] for t in report["triggers"]] == ["inverted"]  # no adaptive check
+    with safe_open(str(result.artifacts["prompts.safetensors"]), framework="pt") as handle:
+        context = handle.get_tensor("context")
+    assert not torch.allclose(context, context[:1].expand_as(context))  # class-wise, tuned
+    page = result.artifacts["report.html"].read_text()
+    assert "tuned to the shots' labels alone" in page

@@ -113,6 +113,22 @@ class RoundSettings(_Settings):
     )
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """Stage 2's terms once the objective is settled: the weight of clean cross-entropy on
+    labels, of distillation from the zero-shot predictions, what triggered images are pulled
+    to, and the weight of the regulariser towards the hand-crafted features."""
+
+    clean: float
+    distill: float
+    backdoor_target: Literal["zero-shot", "label"]
+    regularizer: float
+
+    @property
+    def fits_labels(self) -> bool:
+        return self.clean > 0 and self.distill == 0
+
+
 class TuningSettings(_Settings):
     """Stage 2's class-wise prompt tuning on cached image features (``tuning.py``)."""
 
@@ -124,20 +140,42 @@ class TuningSettings(_Settings):
         max_length=200,
         description="Words the context starts from (exactly n_ctx tokens), or null for random.",
     )
+    objective: Literal["auto", "labels", "zero-shot"] = Field(
+        default="auto",
+        description="What the clean and backdoor terms fit. 'labels' (CBPT's own losses): "
+        "clean shots and their triggered versions take their true class, which gains "
+        "accuracy where the checkpoint's zero-shot head is not already the best the shots "
+        "allow. 'zero-shot': clean shots keep their zero-shot predictions and triggered ones "
+        "take their clean version's, which keeps accuracy where zero-shot is the best. "
+        "'auto' cross-validates on the tuning shots (two folds) and picks 'labels' when prompts "
+        "fitted to labels beat the zero-shot head there by labels_margin.",
+    )
+    labels_margin: float = Field(
+        default=0.02,
+        ge=-1,
+        le=1,
+        description="How much higher the cross-validated accuracy of label-fitted prompts must "
+        "be than the zero-shot head's for objective 'auto' to fit labels.",
+    )
     backdoor_weight: float = Field(default=1.0, ge=0, le=100)
-    backdoor_target: Literal["zero-shot", "label"] = Field(
-        default="zero-shot",
+    backdoor_target: Literal["zero-shot", "label"] | None = Field(
+        default=None,
         description="What triggered images are pulled to: their clean version's zero-shot "
-        "prediction (distillation) or their label (cross-entropy).",
+        "prediction (distillation) or their label (cross-entropy); null: as the objective says.",
     )
-    clean_weight: float = Field(
-        default=0.0, ge=0, le=100, description="Cross-entropy of clean shots on their labels."
-    )
-    distill_weight: float = Field(
-        default=1.0,
+    clean_weight: float | None = Field(
+        default=None,
         ge=0,
         le=100,
-        description="KL of clean predictions from the zero-shot ones: clean decisions stay.",
+        description="Cross-entropy of clean shots on their labels; null: 1 when the objective "
+        "fits labels, else 0.",
+    )
+    distill_weight: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="KL of clean predictions from the zero-shot ones (clean decisions stay); "
+        "null: 1 when the objective keeps zero-shot decisions, else 0.",
     )
     target_clean_weight: float = Field(
         default=1.0,
@@ -147,12 +185,14 @@ class TuningSettings(_Settings):
         "terms, the other classes' being 1. Most of the accuracy tuning costs is the target's; "
         "a higher weight keeps more of it and leaves more attack success.",
     )
-    regularizer_weight: float = Field(
-        default=2.0,
+    regularizer_weight: float | None = Field(
+        default=None,
         ge=0,
         le=100,
-        description="Holds each class's text feature near its hand-crafted one; few shots "
-        "overfit without it.",
+        description="Holds each class's text feature near its hand-crafted one. Distilling "
+        "zero-shot decisions, few shots overfit without it; fitting labels, it holds the "
+        "prompts where a broadly pretrained model's backdoor sends triggered images. null: 2 "
+        "when keeping zero-shot decisions, 0 when fitting labels.",
     )
     views: int = Field(
         default=1,
@@ -169,12 +209,29 @@ class TuningSettings(_Settings):
         "backdoor term sees normalize(f(x) + s * (f(T(x)) - f(x))) for every s. Above 1 "
         "extrapolates towards where a stronger (real) trigger lands.",
     )
-    when_clean: bool = Field(
-        default=False,
-        description="Tune the prompts even when the verdict is clean; by default a model found "
-        "clean keeps its hand-crafted prompts (the context init), and so its accuracy. A random "
-        "context init is always tuned.",
+    when_clean: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Whether a model found clean is tuned. 'auto': when the objective fits "
+        "labels (they beat zero-shot on held-out shots, so tuning gains accuracy); otherwise "
+        "it keeps its hand-crafted prompts (the context init), and so its accuracy. true: "
+        "always; false: never. A random context init is always tuned.",
     )
+
+    def loss_weights(self, fits_labels: bool) -> LossWeights:
+        """The clean and backdoor terms' weights for a model whose objective is settled:
+        ``fits_labels`` is what 'auto' decided (ignored for the other objectives), and fields
+        set explicitly override what the objective says."""
+        labels = self.objective == "labels" or (self.objective == "auto" and fits_labels)
+        return LossWeights(
+            clean=self.clean_weight if self.clean_weight is not None else float(labels),
+            distill=self.distill_weight if self.distill_weight is not None else float(not labels),
+            backdoor_target=self.backdoor_target or ("label" if labels else "zero-shot"),
+            regularizer=(
+                self.regularizer_weight
+                if self.regularizer_weight is not None
+                else (0.0 if labels else 2.0)
+            ),
+        )
 
     @field_validator("shift_scales")
     @classmethod
@@ -296,11 +353,14 @@ class PurifyOptions(_Settings):
                 raise ValueError(f"template {template!r} must hold exactly one '{{}}'")
         return value
 
-    @property
-    def tunes_when_clean(self) -> bool:
-        """Whether a model found clean is tuned: on request, or when there is no hand-crafted
+    def tunes_when_clean(self, fits_labels: bool) -> bool:
+        """Whether a model found clean is tuned: on request, when 'auto' and its objective fits
+        labels (``fits_labels``: tuning then gains accuracy), or when there is no hand-crafted
         context to keep."""
-        return self.tuning.when_clean or self.tuning.context_init is None
+        when = self.tuning.when_clean
+        if self.tuning.context_init is None or when is True:
+            return True
+        return when == "auto" and self.tuning.loss_weights(fits_labels).fits_labels
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,23 @@ class DataReport(_Part):
     held_out_source: Literal["split", "evaluation_dataset"]
 
 
+class LabelFitReport(_Part):
+    """The cross-validation behind objective "auto": accuracy on held-out folds of the tuning
+    shots, of the zero-shot head and of prompts fitted to the other fold's labels, and the
+    margin the second had to clear."""
+
+    zero_shot: float
+    fitted: float
+    margin: float
+
+
 class RoundsReport(_Part):
     """Stage 2: how many rounds ran, whether the prompts were tuned at all, and each trigger
     tuned against, in order: its mask (or 0 for a warp), its displacement (0 for a mask), its
     shape, and the share of tuning images it sent to the target under the head it was found
-    against."""
+    against. ``objective``: whether the clean and backdoor terms fitted the shots' labels or
+    the zero-shot decisions, and ``label_fit`` the cross-validation that chose it (None where
+    the job named it, or the shots were too few to split)."""
 
     count: int
     tuned: bool
@@ -90,6 +102,8 @@ class RoundsReport(_Part):
     displacements: list[float]
     shapes: list[str]
     success_rates: list[float]
+    objective: Literal["labels", "zero-shot"] = "zero-shot"
+    label_fit: LabelFitReport | None = None
 
 
 class Report(_Part):

@@ -5,7 +5,8 @@ A pipeline of stages, each in its own module, each reported through
 
 ``load``        the checkpoint (safely) and the image set; a seeded, stratified split
 ``inversion``   contrastive trigger inversion; suspected target, score, verdict (``verdict.py``)
-``tuning``      class-wise prompt tuning, then rounds of re-inversion against the current
+``tuning``      the objective (``objective.py``: fit labels, or keep zero-shot decisions),
+                class-wise prompt tuning, then rounds of re-inversion against the current
                 prompts and re-tuning on every trigger found so far (``rounds.py``)
 ``evaluation``  CA and ASR before (hand-crafted prompts) and after, per class and per trigger
                 (``evaluation.py``)
@@ -33,16 +34,17 @@ from worker.cbpt.evaluation import (
     subset,
 )
 from worker.cbpt.imagesets import ImageSet, read_image_set
+from worker.cbpt.objective import cross_validate_labels
 from worker.cbpt.options import PurifyOptions, Runtime
 from worker.cbpt.outcome import Report, Verdict
 from worker.cbpt.precision import autocast, resolve_device, resolve_precision
 from worker.cbpt.progress import CancelledError, Progress, ShouldCancel, Stage
 from worker.cbpt.prompts import prompt_tokens
 from worker.cbpt.report import ReportInputs, build_report
-from worker.cbpt.rounds import tune_in_rounds, untuned
+from worker.cbpt.rounds import Objective, tune_clean, tune_in_rounds, untuned
 from worker.cbpt.tuning import ClassText
 from worker.cbpt.verdict import detect
-from worker.cbpt.zeroshot import FrozenClip, Normalizer, Shots, class_embeddings
+from worker.cbpt.zeroshot import FrozenClip, Normalizer, Shots, class_embeddings, encode_images
 
 _DEFAULT_RUNTIME = Runtime()
 
@@ -130,18 +132,35 @@ def purify(
         clock.done("inversion")
         text = ClassText(loaded.clip.model, loaded.clip.tokenizer, names, hand)
         first = (detection.trigger, detection.target, detection.flip_rate)
-        if detection.verdict != "clean" or options.tunes_when_clean:
+        clock.report("tuning", 0.0)
+        objective = _objective(loaded, text, options, clock.cancelled)
+        fits_labels = objective.weights.fits_labels
+        # Found clean, where labels gain: CoOp alone. Asked to tune a clean model (true), it
+        # is tuned as a backdoored one would be, against its inverted trigger.
+        if detection.verdict == "clean" and fits_labels and options.tuning.when_clean == "auto":
+            rounds = tune_clean(
+                loaded.clip,
+                text,
+                loaded.tune,
+                first,
+                options,
+                objective,
+                progress=clock.report,
+                should_cancel=clock.cancelled,
+            )
+        elif detection.verdict != "clean" or options.tunes_when_clean(fits_labels):
             rounds = tune_in_rounds(
                 loaded.clip,
                 text,
                 loaded.tune,
                 first,
                 options,
+                objective,
                 progress=clock.report,
                 should_cancel=clock.cancelled,
             )
         else:
-            rounds = untuned(loaded.clip, text, first, options)
+            rounds = untuned(loaded.clip, text, first, options, objective)
         clock.done("tuning")
 
     found = candidates(
@@ -170,6 +189,23 @@ def purify(
     written = artifacts.write_all(out_dir, report, shipped)
     clock.report("artifacts", 1.0)
     return PurifyResult(report, written)
+
+
+def _objective(
+    loaded: _Loaded, text: ClassText, options: PurifyOptions, should_cancel: ShouldCancel
+) -> Objective:
+    """What stage 2 fits: the job's objective, or for "auto" what cross-validation on the
+    tuning shots says (``objective.py``)."""
+    settings = options.tuning
+    fit = None
+    if settings.objective == "auto":
+        clip, tune = loaded.clip, loaded.tune
+        features = encode_images(clip.model, tune.pixels, clip.normalizer)
+        fit = cross_validate_labels(
+            text, features, tune.labels, settings, seed=options.seed, should_cancel=should_cancel
+        )
+    fits_labels = fit is not None and fit.fits_labels
+    return Objective(settings.loss_weights(fits_labels), fit)
 
 
 def _load(inputs: Inputs, options: PurifyOptions, device: torch.device) -> _Loaded:

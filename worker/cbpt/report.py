@@ -17,15 +17,17 @@ import open_clip
 import torch
 
 from worker.cbpt.evaluation import Evaluation
+from worker.cbpt.objective import LabelFit
 from worker.cbpt.options import PurifyOptions
 from worker.cbpt.outcome import (
     DataReport,
     DetectionReport,
+    LabelFitReport,
     PerClassAccuracy,
     Report,
     RoundsReport,
 )
-from worker.cbpt.rounds import RoundsOutcome, trigger_shapes
+from worker.cbpt.rounds import RoundsOutcome
 from worker.cbpt.verdict import Detection
 
 _BAR_COLOURS = {"before": "#9aa5b1", "after": "#2f7d5b"}
@@ -69,7 +71,7 @@ img {{ image-rendering: pixelated; border: 1px solid #cbd2d9; }}
 <p>Inverted trigger: mask {detection["mask_fraction"]:.2%} of the image, sends
 {detection["flip_rate"]:.1%} of other classes' images to the suspected target: a score of
 {detection["score"]:.1f} (backdoored from {detection["thresholds"]["backdoored_score"]:g}).
-{_tuning_sentence(report["rounds"])}
+{_tuning_sentence(report["rounds"], report["verdict"])}
 Model sha256 <code>{escape(report["model_sha256"])}</code>.</p>
 <h2>Clean accuracy and attack success, before and after</h2>
 {_bar_chart(summary)}
@@ -119,10 +121,23 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.1%}"
 
 
-def _tuning_sentence(rounds: dict[str, Any]) -> str:
+def _tuning_sentence(rounds: dict[str, Any], verdict: str) -> str:
     if not rounds["tuned"]:
         return "No backdoor was found, so the prompts stay the hand-crafted ones."
-    return f"Prompts tuned against the inverted trigger and {rounds['count']} re-inverted ones."
+    if verdict == "clean" and rounds["count"] == 0:
+        return (
+            "No backdoor was found; the prompts were tuned to the shots' labels alone, which "
+            "cross-validation on the shots found more accurate than the hand-crafted prompts."
+        )
+    fitted = (
+        "the shots' labels"
+        if rounds.get("objective") == "labels"
+        else "the hand-crafted prompts' decisions"
+    )
+    return (
+        f"Prompts tuned to {fitted}, against the inverted trigger and {rounds['count']} "
+        "re-inverted ones."
+    )
 
 
 @dataclass(frozen=True)
@@ -174,14 +189,24 @@ def build_report(
             tuned=rounds.tuned,
             mask_fractions=[round(t.mask_fraction, 6) for t in rounds.triggers],
             displacements=[round(t.displacement, 6) for t in rounds.triggers],
-            shapes=list(trigger_shapes(options, tuned=rounds.tuned)),
+            shapes=list(rounds.shapes),
             success_rates=[round(rate, 6) for rate in rounds.success_rates],
+            objective="labels" if rounds.objective.weights.fits_labels else "zero-shot",
+            label_fit=_label_fit(rounds.objective.label_fit),
         ),
         model_sha256=inputs.model_sha256,
         options=options.model_dump(mode="json"),
         runtime=runtime,
         timings_s=timings,
         versions=_versions(),
+    )
+
+
+def _label_fit(fit: LabelFit | None) -> LabelFitReport | None:
+    if fit is None:
+        return None
+    return LabelFitReport(
+        zero_shot=round(fit.zero_shot, 6), fitted=round(fit.fitted, 6), margin=fit.margin
     )
 
 

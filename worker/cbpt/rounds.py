@@ -25,7 +25,8 @@ from worker.cbpt.inversion import (
     info_nce,
     triggered_predictions,
 )
-from worker.cbpt.options import InversionSettings, PurifyOptions
+from worker.cbpt.objective import LabelFit
+from worker.cbpt.options import InversionSettings, LossWeights, PurifyOptions
 from worker.cbpt.progress import CancelledError, Progress, ShouldCancel
 from worker.cbpt.prompts import ClassPrompts, prompt_class_embeddings
 from worker.cbpt.tuning import ClassText, TuningFeatures, tune_prompts
@@ -60,10 +61,20 @@ class Reinversion:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What stage 2 fits (``LossWeights``), and the cross-validation that chose it (None where
+    the job named its objective, or where the shots were too few to split)."""
+
+    weights: LossWeights
+    label_fit: LabelFit | None
+
+
+@dataclass(frozen=True)
 class RoundsOutcome:
     """What stage 2 leaves: every trigger tuned against, in order, with the share of tuning
     images each sent to the target under the head it was found against (the hand-crafted one
-    for stage 1's), the context and its class embeddings, and the adaptive check's trigger."""
+    for stage 1's), the context and its class embeddings, the adaptive check's trigger, and
+    the objective."""
 
     triggers: list[AnyTrigger]
     success_rates: list[float]
@@ -71,6 +82,8 @@ class RoundsOutcome:
     embeddings: torch.Tensor
     adaptive: AnyTrigger | None
     tuned: bool
+    objective: Objective
+    shapes: list[TriggerShape]
 
 
 def invert_against_head(
@@ -161,6 +174,7 @@ def tune_in_rounds(
     shots: Shots,
     first: tuple[Trigger, int, float],
     options: PurifyOptions,
+    objective: Objective,
     *,
     progress: Progress,
     should_cancel: ShouldCancel,
@@ -176,7 +190,7 @@ def tune_in_rounds(
 
     Tuning caches the features of ``tuning.views`` fixed views of the shots, clean and under
     each trigger; re-inversion works on the images themselves."""
-    runner = _Rounds(clip, text, shots, first, options, should_cancel)
+    runner = _Rounds(clip, text, shots, first, options, objective.weights, should_cancel)
     count = options.rounds.count
     for round_index in range(count + 1):
         if round_index > 0:
@@ -187,7 +201,45 @@ def tune_in_rounds(
         checks = runner.restarts(count + 1, "patch")
         adaptive = checks[0] if len(checks) == 1 else runner.strongest(checks)[0]
     return RoundsOutcome(
-        runner.triggers, runner.rates, runner.context, runner.head.embeddings, adaptive, True
+        runner.triggers,
+        runner.rates,
+        runner.context,
+        runner.head.embeddings,
+        adaptive,
+        True,
+        objective,
+        trigger_shapes(options),
+    )
+
+
+def tune_clean(
+    clip: FrozenClip,
+    text: ClassText,
+    shots: Shots,
+    first: tuple[Trigger, int, float],
+    options: PurifyOptions,
+    objective: Objective,
+    *,
+    progress: Progress,
+    should_cancel: ShouldCancel,
+) -> RoundsOutcome:
+    """What a model found clean gets when its objective fits labels: prompts tuned on the
+    clean shots alone (CoOp with a class-wise context), no backdoor term and no rounds. Its
+    inverted trigger is no backdoor's, and tuning against it costs accuracy for nothing (3 to
+    5 points on the broad lab's clean model); it is still reported, as stage 1 found it."""
+    runner = _Rounds(clip, text, shots, first, options, objective.weights, should_cancel)
+    runner.triggered.clear()
+    runner.tune(_round_progress(progress, 0, 1))
+    trigger, _, rate = first
+    return RoundsOutcome(
+        [trigger],
+        [rate],
+        runner.context,
+        runner.head.embeddings,
+        None,
+        True,
+        objective,
+        ["patch"],
     )
 
 
@@ -201,10 +253,12 @@ class _Rounds:
         shots: Shots,
         first: tuple[Trigger, int, float],
         options: PurifyOptions,
+        weights: LossWeights,
         should_cancel: ShouldCancel,
     ) -> None:
         trigger, target, rate = first
         self.clip, self.text, self.options, self.should_cancel = clip, text, options, should_cancel
+        self.weights = weights
         pixels, labels = shots.pixels, shots.labels
         views = fixed_views(options.tuning.views, pixels.shape[0], seed=options.seed)
         self.viewed = [view(pixels) for view in views]
@@ -271,12 +325,13 @@ class _Rounds:
         return candidates[best], rates[best]
 
     def tune(self, progress: Callable[[float], None]) -> None:
-        """Tunes the prompts afresh, from the init, on the clean views and every trigger's."""
+        """Tunes the prompts afresh, from the init, on the clean views and every trigger's
+        (none once ``triggered`` is cleared: clean terms alone)."""
         features = TuningFeatures(
             self.clean_features,
             self.view_labels,
-            torch.cat(self.triggered),
-            self.view_labels.repeat(len(self.triggers)),
+            torch.cat(self.triggered) if self.triggered else None,
+            self.view_labels.repeat(len(self.triggered)) if self.triggered else None,
         )
         tuned = tune_prompts(
             self.text,
@@ -284,6 +339,7 @@ class _Rounds:
             self.options.tuning,
             seed=self.options.seed,
             target=self.head.target,
+            weights=self.weights,
             should_cancel=self.should_cancel,
             progress=progress,
         )
@@ -302,7 +358,11 @@ class _Rounds:
 
 @torch.no_grad()
 def untuned(
-    clip: FrozenClip, text: ClassText, first: tuple[Trigger, int, float], options: PurifyOptions
+    clip: FrozenClip,
+    text: ClassText,
+    first: tuple[Trigger, int, float],
+    options: PurifyOptions,
+    objective: Objective,
 ) -> RoundsOutcome:
     """What a model found clean ships: the context's init and the class embeddings it gives,
     so that its prompts and head still load like any other job's."""
@@ -317,7 +377,8 @@ def untuned(
     ).to(text.hand_crafted.device)
     embeddings = prompt_class_embeddings(clip.model, prompts)
     trigger, _, rate = first
-    return RoundsOutcome([trigger], [rate], prompts.context.detach(), embeddings, None, False)
+    context = prompts.context.detach()
+    return RoundsOutcome([trigger], [rate], context, embeddings, None, False, objective, ["patch"])
 
 
 def round_shapes(options: PurifyOptions, round_index: int) -> tuple[TriggerShape, ...]:

@@ -1,19 +1,21 @@
 """Stage 2: class-wise prompt tuning on cached image features, encoders frozen.
 
-Three losses, as docs/engine.md reads CBPT:
+Three losses, as docs/engine.md reads CBPT, in one of two objectives (``LossWeights``):
 
-1. clean: by default a distillation term, the KL divergence of the predictions on clean
-   images ``logit_scale * cos(f(x), g(prompt_c))`` from the zero-shot (hand-crafted) ones;
-   cross-entropy against the true class may be weighted in as well;
-2. backdoor: triggered images ``f(T(x))`` must be classified as their clean versions are: by
-   default the KL divergence from the zero-shot prediction of the *clean* image (its true class
-   where the model already knew it), or cross-entropy against the true class;
+1. clean: cross-entropy of the predictions on clean images
+   ``logit_scale * cos(f(x), g(prompt_c))`` against the true class (objective "labels", CBPT's
+   own), or the KL divergence from the zero-shot (hand-crafted) predictions ("zero-shot");
+2. backdoor: triggered images ``f(T(x))`` must be classified as their clean versions should
+   be: cross-entropy against the true class ("labels"), or the KL divergence from the
+   zero-shot prediction of the *clean* image ("zero-shot");
 3. a regulariser keeping each class's text feature near its hand-crafted prompt's feature.
 
-Why distillation: the hand-crafted prompts are what the checkpoint was trained to answer.
-Cross-entropy on a few shots pulls the prompts towards those shots; distillation asks only that
-clean decisions stay as they were, which leaves the backdoor term room to move the prompts
-where triggered images land.
+Which objective: where the checkpoint's zero-shot head is already the best its text tower
+allows (a model trained on the very captions it is scored with), fitting a few shots' labels
+only pulls the prompts towards those shots, and distillation keeps the clean decisions while
+the backdoor term moves the prompts. Where it is not (a broadly pretrained CLIP scored on a new
+task), fitting labels gains accuracy, as CoOp does. ``objective.py`` tells the two apart on the
+shots themselves.
 
 Image features never change during this stage, so they are computed once by the caller (for a
 fixed set of views) and each step runs only the text tower on C prompts.
@@ -28,7 +30,7 @@ import open_clip
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-from worker.cbpt.options import TuningSettings
+from worker.cbpt.options import LossWeights, TuningSettings
 from worker.cbpt.progress import CancelledError
 from worker.cbpt.prompts import ClassPrompts, Tokenizer, encode_prompts, prompt_class_embeddings
 
@@ -66,7 +68,9 @@ class TuningResult:
 
 class TuningObjective:
     """The three losses of a set of class embeddings ``(C, D)``, whatever produces them: the
-    prompts here, or the free linear head the efficacy benchmark fits as a ceiling."""
+    prompts here, or the free linear head the efficacy benchmark fits as a ceiling.
+    ``weights`` settles the objective; by default, what ``settings`` says of a model whose
+    zero-shot head is kept."""
 
     def __init__(
         self,
@@ -76,8 +80,10 @@ class TuningObjective:
         settings: TuningSettings,
         *,
         target: int | None = None,
+        weights: LossWeights | None = None,
     ) -> None:
         self.scale, self.hand_crafted, self.settings = logit_scale, hand_crafted, settings
+        self.weights = weights = weights or settings.loss_weights(False)
         clean_features, clean_labels = features.clean, features.clean_labels
         triggered_features, triggered_labels = features.triggered, features.triggered_labels
         self.clean_features, self.clean_labels = clean_features, clean_labels
@@ -89,7 +95,7 @@ class TuningObjective:
             and triggered_labels is not None
             and settings.backdoor_weight
         ):
-            if settings.backdoor_target == "label":
+            if weights.backdoor_target == "label":
                 targets = F.one_hot(triggered_labels, hand_crafted.shape[0]).float()
             else:
                 targets = self.teacher.repeat(_blocks(triggered_features, clean_features), 1)
@@ -97,24 +103,24 @@ class TuningObjective:
             self.backdoor = (shifted, targets.repeat(len(settings.shift_scales), 1))
 
     def __call__(self, text: torch.Tensor) -> torch.Tensor:
-        settings, scale = self.settings, self.scale
+        settings, scale, terms = self.settings, self.scale, self.weights
         clean_logits = scale * self.clean_features @ text.T
-        weights = self.clean_weights
-        loss = settings.clean_weight * _weighted_mean(
-            F.cross_entropy(clean_logits, self.clean_labels, reduction="none"), weights
+        per_image = self.clean_weights
+        loss = terms.clean * _weighted_mean(
+            F.cross_entropy(clean_logits, self.clean_labels, reduction="none"), per_image
         )
-        if settings.distill_weight > 0:
-            loss = loss + settings.distill_weight * _weighted_mean(
-                _soft_cross_entropies(clean_logits, self.teacher), weights
+        if terms.distill > 0:
+            loss = loss + terms.distill * _weighted_mean(
+                _soft_cross_entropies(clean_logits, self.teacher), per_image
             )
         if self.backdoor is not None:
             features, targets = self.backdoor
             loss = loss + settings.backdoor_weight * _soft_cross_entropy(
                 scale * features @ text.T, targets
             )
-        if settings.regularizer_weight > 0:
+        if terms.regularizer > 0:
             drift = 1 - (text * self.hand_crafted).sum(dim=1)
-            loss = loss + settings.regularizer_weight * drift.mean()
+            loss = loss + terms.regularizer * drift.mean()
         return loss
 
 
@@ -125,11 +131,13 @@ def tune_prompts(
     *,
     seed: int,
     target: int | None = None,
+    weights: LossWeights | None = None,
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> TuningResult:
     """Tunes one context per class. ``target`` is the suspected target class, whose clean
-    images the clean terms weight by ``settings.target_clean_weight``.
+    images the clean terms weight by ``settings.target_clean_weight``; ``weights`` is the
+    objective (``TuningObjective``).
 
     Without triggered features (or with a zero backdoor weight), clean cross-entropy alone is
     plain CoOp with class-specific contexts: the "prompt tuning without inversion" baseline.
@@ -151,6 +159,7 @@ def tune_prompts(
         features,
         settings,
         target=target,
+        weights=weights,
     )
     loss = torch.tensor(0.0)
     for step in range(settings.steps):

@@ -64,22 +64,6 @@ def detect(
     return Detection(inversion, target, flip, verdict_of(flip, mask_fraction, options.verdict))
 
 
-def invert_for_verdict(
-    clip: FrozenClip,
-    hand: torch.Tensor,
-    shots: Shots,
-    options: PurifyOptions,
-    *,
-    progress: Callable[[float], None] | None = None,
-    should_cancel: ShouldCancel | None = None,
-) -> InversionResult:
-    """Stage 1's inversion, each restart judged by the verdict's score under ``hand``.
-
-    Benchmarks call this too, so that what they measure is the trigger a job would find.
-    """
-    return _judged_inversion(clip, hand, shots, options, progress, should_cancel)[0]
-
-
 def _judged_inversion(
     clip: FrozenClip,
     hand: torch.Tensor,

@@ -122,8 +122,8 @@ def _train(
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, len(images) // settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
-    optimizer = _optimizer(model, settings)
-    schedule = _cosine_with_warmup(total_steps, settings.warmup_fraction)
+    optimizer = adamw(model, settings.lr, settings.weight_decay)
+    schedule = cosine_with_warmup(total_steps, settings.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     order = torch.randperm(len(images), generator=generator)
@@ -137,7 +137,7 @@ def _train(
         tokens, position, positive_ids = texts(index, generator)
         image_features = model.encode_image(normalizer(batch), normalize=True)
         text_features = model.encode_text(tokens, normalize=True)[position]
-        loss = _multi_positive_clip_loss(
+        loss = multi_positive_clip_loss(
             image_features, text_features, positive_ids, model.logit_scale.exp()
         )
         optimizer.zero_grad(set_to_none=True)
@@ -158,12 +158,14 @@ def _caption_ids(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     return list(seen), torch.tensor(ids, dtype=torch.int64)
 
 
-def _multi_positive_clip_loss(
+def multi_positive_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     labels: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy, where every pair with the same ``labels`` id is a
+    positive: identical captions in one batch are not negatives of each other."""
     logits = scale * image_features @ text_features.T  # (B, B)
     positives = (labels[:, None] == labels[None, :]).float()
     targets = positives / positives.sum(1, keepdim=True)
@@ -172,18 +174,20 @@ def _multi_positive_clip_loss(
     return (image_to_text + text_to_image) / 2
 
 
-def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters with CLIP's betas and eps."""
     # No decay on gains, biases, embeddings' scale: the usual CLIP recipe.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _cosine_with_warmup(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+def cosine_with_warmup(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """The learning-rate factor of each step: linear warmup, then cosine decay to 0."""
     warmup = max(1, round(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:
