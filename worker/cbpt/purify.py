@@ -138,18 +138,15 @@ def purify(
         # Found clean, where labels gain: CoOp alone. Asked to tune a clean model (true), it
         # is tuned as a backdoored one would be, against its inverted trigger.
         if detection.verdict == "clean" and fits_labels and options.tuning.when_clean == "auto":
-            rounds = tune_clean(
-                loaded.clip,
-                text,
-                loaded.tune,
-                first,
-                options,
-                objective,
-                progress=clock.report,
-                should_cancel=clock.cancelled,
-            )
+            tune = tune_clean
         elif detection.verdict != "clean" or options.tunes_when_clean(fits_labels):
-            rounds = tune_in_rounds(
+            tune = tune_in_rounds
+        else:
+            tune = None
+        if tune is None:
+            rounds = untuned(loaded.clip, text, first, options, objective)
+        else:
+            rounds = tune(
                 loaded.clip,
                 text,
                 loaded.tune,
@@ -159,8 +156,6 @@ def purify(
                 progress=clock.report,
                 should_cancel=clock.cancelled,
             )
-        else:
-            rounds = untuned(loaded.clip, text, first, options, objective)
         clock.done("tuning")
 
     found = candidates(
