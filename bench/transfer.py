@@ -83,11 +83,11 @@ def _shift_row(lab: LabFolder, options: PurifyOptions) -> list[str]:
     model, normalizer, test = lab.model, lab.normalizer, lab.test
     spec, target = lab.backdoor()
     detection = detect(lab.clip, lab.hand, lab.shot_tensors(), options)
-    inversion = detection.inversion
+    trigger = detection.trigger
     others = test.images[test.labels != target]
     clean = encode_images(model, others, normalizer)
     real = encode_images(model, others, normalizer, transform=spec.apply) - clean
-    inverted = encode_images(model, others, normalizer, transform=inversion.trigger.apply) - clean
+    inverted = encode_images(model, others, normalizer, transform=trigger.apply) - clean
     direction = F.normalize(inverted.mean(0), dim=0)
     real_along, inverted_along = (
         float((real @ direction).mean()),
@@ -96,8 +96,8 @@ def _shift_row(lab: LabFolder, options: PurifyOptions) -> list[str]:
     return [
         lab.class_names[detection.target],
         f"{detection.flip_rate:.3f}",
-        f"{inversion.trigger.mask_fraction:.4f}",
-        f"{max(inversion.strengths):.1f}",
+        f"{trigger.mask_fraction:.4f}",
+        f"{detection.score:.1f}",
         f"{float(direction @ F.normalize(real.mean(0), dim=0)):.3f}",
         f"{float(F.cosine_similarity(real, inverted).mean()):.3f}",
         f"{real_along:.3f}",

@@ -12,7 +12,12 @@ from safetensors import safe_open
 from tests.suite import merged, report_of, suite_options
 from worker.cbpt.deploy import load_purified_classifier
 from worker.cbpt.imagesets import read_image_set
-from worker.cbpt.options import InversionSettings, PurifyOptions, TuningSettings, VerdictSettings
+from worker.cbpt.options import (
+    PurifyOptions,
+    TargetSearchSettings,
+    TuningSettings,
+    VerdictSettings,
+)
 from worker.cbpt.progress import CancelledError
 from worker.cbpt.purify import Inputs, PurifyResult, purify
 from worker.cbpt.rounds import trigger_shapes
@@ -63,6 +68,25 @@ def test_the_summary_measures_the_known_trigger_and_the_adaptive_check_is_report
     assert adaptive.target == inverted.target == purified.suspected_target
     # Found against the purified head, the re-inverted trigger beats the one tuned against.
     assert adaptive.asr_after > inverted.asr_after, triggers
+
+
+def test_the_class_wise_search_settles_a_clear_backdoor_alone(
+    purified: PurifyResult, badnets_lab: LabModel
+) -> None:
+    """The suite's BadNets target leads the next class by 2.3-2.8 (tests/test_reach.py), past
+    the line at which the search settles the verdict: the contrastive inversion never runs."""
+    report = purified.report
+    assert (report.verdict, report.suspected_target) == ("backdoored", badnets_lab.attack.target)  # type: ignore[union-attr]
+    detection = report.detection
+    assert detection.method == "class-wise"
+    assert detection.restart_losses == detection.restart_scores == []
+    assert detection.reach_margin is not None
+    assert detection.reach_margin >= VerdictSettings().backdoored_margin
+    flips = detection.class_flip_rates
+    assert flips is not None
+    assert len(flips) == len(report.data.classes)
+    assert flips[report.data.classes.index(report.suspected_target)] == detection.flip_rate
+    assert detection.mask_fraction <= TargetSearchSettings().budget * 1.001
 
 
 def test_without_a_known_trigger_the_summary_is_the_adaptive_check(
@@ -239,7 +263,7 @@ def test_cancel_during_each_stage_stops_there(
     quick = PurifyOptions.model_validate(
         {
             "rounds": {"count": 1},
-            "inversion": InversionSettings(steps=20, batch_size=16),
+            "search": TargetSearchSettings(steps=20, warmup=10, batch_size=8),
             "tuning": TuningSettings(steps=10, when_clean=True),
         }
     )
@@ -276,7 +300,14 @@ def test_a_model_found_clean_keeps_its_hand_crafted_prompts(
     badnets_lab: LabModel, tmp_path: Path
 ) -> None:
     never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
-    options = merged(OPTIONS, {"verdict": never.model_dump(), "tuning": {"when_clean": False}})
+    options = merged(
+        OPTIONS,
+        {
+            "verdict": never.model_dump(),
+            "search": {"enabled": False},  # the contrastive inversion: its restarts are reported
+            "tuning": {"when_clean": False},
+        },
+    )
     result = purify_lab(badnets_lab.directory, options, tmp_path, known_triggers=())
     assert result.verdict == "clean"
     report = report_of(result)
@@ -310,7 +341,7 @@ def test_a_model_found_clean_where_labels_gain_is_tuned_on_its_clean_shots_alone
 ) -> None:
     """Objective "labels" stands for a cross-validation that found label fitting better: the
     prompts are tuned (when_clean "auto"), on the clean shots alone, with no rounds."""
-    never = VerdictSettings(backdoored_score=1e9, suspicious_score=1e9)
+    never = VerdictSettings(backdoored_margin=1e9, suspicious_margin=1e9)
     options = merged(
         OPTIONS,
         {"verdict": never.model_dump(), "tuning": {"when_clean": "auto", "objective": "labels"}},

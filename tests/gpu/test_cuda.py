@@ -31,6 +31,7 @@ from worker.cbpt.options import (
     PurifyOptions,
     RoundSettings,
     Runtime,
+    TargetSearchSettings,
     TuningSettings,
 )
 from worker.cbpt.purify import PurifyResult
@@ -96,7 +97,7 @@ def test_zero_shot_accuracy_on_cuda_in_fp32_is_the_cpu_one(
     """Before any tuning, the same model scores the same held-out images alike on both."""
     short = QUICK.model_copy(
         update={
-            "inversion": InversionSettings(steps=5, batch_size=32),
+            "search": TargetSearchSettings(steps=5, batch_size=8),
             "rounds": RoundSettings(count=0),
         }
     )

@@ -28,8 +28,8 @@ from worker.lab.make import LabModel
 pytestmark = pytest.mark.slow
 
 # Enough steps to run every stage for real, few enough for a 2-core CI machine.
-FAST = {"rounds": 0, "inversion": {"steps": 30, "batch_size": 16}, "tuning": {"steps": 20}}
-SLOW = {"rounds": 0, "inversion": {"steps": 20_000, "batch_size": 16}}
+FAST = {"rounds": 0, "search": {"steps": 30, "batch_size": 8}, "tuning": {"steps": 20}}
+SLOW = {"rounds": 0, "search": {"steps": 20_000, "batch_size": 16}}
 ARTIFACTS = {
     "head.safetensors",
     "prompts.safetensors",

@@ -58,6 +58,40 @@ class InversionSettings(_Settings):
     )
 
 
+class TargetSearchSettings(_Settings):
+    """Stage 1's class-wise targeted search (``reach.py``): for every class, a trigger within
+    one mask budget that sends the other classes' shots there. The class reached most easily
+    is the suspected target, and how much more easily it is reached than the next class is the
+    verdict's evidence. When off, stage 1 is the contrastive inversion alone (``inversion``),
+    which needs no target but, on models with strong natural universal patches, names the class
+    such a patch lands on rather than the backdoor's (docs/engine.md)."""
+
+    enabled: bool = Field(default=True, description="Search class by class; else contrastive.")
+    budget: float = Field(
+        default=0.01, gt=0, lt=1, description="Each class's trigger: its mask's mean at most."
+    )
+    steps: int = Field(default=90, ge=1, le=20_000, description="Steps for the classes kept.")
+    warmup: int = Field(
+        default=30,
+        ge=1,
+        le=20_000,
+        description="Steps every class gets before only the `keep` that flip most go on.",
+    )
+    keep: int = Field(
+        default=6, ge=0, le=4096, description="Classes fitted for all `steps`; 0: all of them."
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=2,
+        le=4096,
+        description="Shots a step stamps with every class's trigger: a step encodes "
+        "batch_size times the classes still searched.",
+    )
+    measure_on: int = Field(
+        default=96, ge=8, le=100_000, description="Shots each flip rate is measured on (most)."
+    )
+
+
 class RoundSettings(_Settings):
     """Stage 2's rounds: re-inverting triggers against the current prompts and re-tuning on
     every trigger found so far (``rounds.py``). Re-inversion uses ``inversion``'s lr, tau and
@@ -263,7 +297,22 @@ class VerdictSettings(_Settings):
     another family of models needs its own calibration.
     """
 
-    backdoored_score: float = Field(default=25.0, ge=0)
+    backdoored_margin: float = Field(
+        default=0.7,
+        ge=0,
+        description="With the class-wise search: how much more easily the suspected target is "
+        "reached than the next class (the log of the runner-up's cross-entropy over the "
+        "target's; 0.7 is half the loss) from which the model is backdoored.",
+    )
+    suspicious_margin: float = Field(
+        default=0.35, ge=0, description="...and suspicious (tuned as a backdoored one is)."
+    )
+    backdoored_score: float = Field(
+        default=25.0,
+        ge=0,
+        description="With the search off: the contrastive trigger's score from which the "
+        "model is backdoored.",
+    )
     suspicious_score: float = Field(default=23.0, ge=0)
     min_flip_rate: float = Field(
         default=0.2, ge=0, le=1, description="A trigger that flips fewer images is no backdoor."
@@ -319,6 +368,7 @@ class PurifyOptions(_Settings):
         "regulariser holds each class near.",
     )
     inversion: InversionSettings = InversionSettings()
+    search: TargetSearchSettings = TargetSearchSettings()
     rounds: RoundSettings = RoundSettings()
     tuning: TuningSettings = TuningSettings()
     verdict: VerdictSettings = VerdictSettings()

@@ -54,8 +54,12 @@ class TriggerMeasurement(_Part):
 
 
 class DetectionReport(_Part):
-    """Stage 1: the strongest inverted trigger's flip rate, mask and score, every restart's
-    loss and score, and the thresholds the verdict read them with."""
+    """Stage 1: how it searched (``method``: the class-wise search, or with it off the
+    contrastive inversion), the trigger's flip rate, mask and score, and the thresholds the
+    verdict read them with. The search adds how much more easily the suspected target is
+    reached than the next class (``reach_margin``, ``Reach.margin``) and every class's flip
+    rate (in ``DataReport.classes`` order); the contrastive inversion, every restart's loss
+    and score."""
 
     flip_rate: float
     mask_fraction: float
@@ -63,6 +67,9 @@ class DetectionReport(_Part):
     restart_losses: list[float]
     restart_scores: list[float]
     thresholds: dict[str, float]
+    method: Literal["class-wise", "contrastive"] = "contrastive"
+    reach_margin: float | None = None
+    class_flip_rates: list[float] | None = None
 
 
 class PerClassAccuracy(_Part):

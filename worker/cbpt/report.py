@@ -8,6 +8,7 @@ Every string that came from a client (class names, trigger names) is escaped; im
 from __future__ import annotations
 
 import base64
+import math
 import platform
 from dataclasses import dataclass
 from html import escape
@@ -68,9 +69,7 @@ img {{ image-rendering: pixelated; border: 1px solid #cbd2d9; }}
 <h1>Backdoor purification report</h1>
 <p class="verdict">Verdict: {escape(report["verdict"])}; suspected target:
 {escape(report["suspected_target"])}</p>
-<p>Inverted trigger: mask {detection["mask_fraction"]:.2%} of the image, sends
-{detection["flip_rate"]:.1%} of other classes' images to the suspected target: a score of
-{detection["score"]:.1f} (backdoored from {detection["thresholds"]["backdoored_score"]:g}).
+<p>{_detection_sentence(detection)}
 {_tuning_sentence(report["rounds"], report["verdict"])}
 Model sha256 <code>{escape(report["model_sha256"])}</code>.</p>
 <h2>Clean accuracy and attack success, before and after</h2>
@@ -121,6 +120,26 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.1%}"
 
 
+def _detection_sentence(detection: dict[str, Any]) -> str:
+    """What stage 1 found, in the terms its verdict read."""
+    found = (
+        f"Inverted trigger: mask {detection['mask_fraction']:.2%} of the image, sends "
+        f"{detection['flip_rate']:.1%} of other classes' images to the suspected target"
+    )
+    thresholds = detection["thresholds"]
+    if detection.get("method") == "class-wise":
+        margin = detection["reach_margin"]
+        return (
+            f"{found}. A trigger of that size reaches it with {math.exp(margin):.1f} times less "
+            f"cross-entropy than the next class: a margin of {margin:.2f} (backdoored from "
+            f"{thresholds['backdoored_margin']:g})."
+        )
+    return (
+        f"{found}: a score of {detection['score']:.1f} "
+        f"(backdoored from {thresholds['backdoored_score']:g})."
+    )
+
+
 def _tuning_sentence(rounds: dict[str, Any], verdict: str) -> str:
     if not rounds["tuned"]:
         return "No backdoor was found, so the prompts stay the hand-crafted ones."
@@ -161,19 +180,11 @@ def build_report(
     """``report.json``'s content from what the stages left."""
     detection, rounds, evaluation = stages
     names = list(inputs.classes)
-    trigger = detection.trigger
     return Report(
         verdict=detection.verdict,
         suspected_target=names[detection.target],
         summary=evaluation.summary,
-        detection=DetectionReport(
-            flip_rate=round(detection.flip_rate, 6),
-            mask_fraction=round(trigger.mask_fraction, 6),
-            score=round(detection.score, 3),
-            restart_losses=[round(v, 6) for v in detection.inversion.losses],
-            restart_scores=[round(v, 3) for v in detection.inversion.strengths],
-            thresholds=options.verdict.model_dump(),
-        ),
+        detection=_detection_report(detection, options),
         triggers=evaluation.triggers,
         per_class_accuracy=PerClassAccuracy(
             classes=names, before=evaluation.per_class_before, after=evaluation.per_class_after
@@ -199,6 +210,21 @@ def build_report(
         runtime=runtime,
         timings_s=timings,
         versions=_versions(),
+    )
+
+
+def _detection_report(detection: Detection, options: PurifyOptions) -> DetectionReport:
+    inversion, reach = detection.inversion, detection.reach
+    return DetectionReport(
+        flip_rate=round(detection.flip_rate, 6),
+        mask_fraction=round(detection.trigger.mask_fraction, 6),
+        score=round(detection.score, 3),
+        restart_losses=[] if inversion is None else [round(v, 6) for v in inversion.losses],
+        restart_scores=[] if inversion is None else [round(v, 3) for v in inversion.strengths],
+        thresholds=options.verdict.model_dump(),
+        method="contrastive" if reach is None else "class-wise",
+        reach_margin=None if detection.margin is None else round(detection.margin, 3),
+        class_flip_rates=None if reach is None else [round(v, 6) for v in reach.flip.tolist()],
     )
 
 

@@ -1,9 +1,20 @@
-"""Stage 1 as a job runs it: invert a trigger, and say whether the model is backdoored.
+"""Stage 1 as a job runs it: find the suspected target and a trigger, and say whether the
+model is backdoored.
 
-The score is the share of other classes' images the inverted trigger sends to the suspected
-target, per unit of mask (``VerdictSettings`` says why). Each restart of the inversion is
-judged by that score under the zero-shot head, and one that reaches ``backdoored_score`` ends
-the search, so a backdoored model usually costs one draw and a clean one all of them.
+By default (``search.enabled``) every class is searched for a small trigger that reaches it
+(``reach.py``). The class reached most easily is the suspected target, and the verdict reads how
+much more easily than the next class (``Reach.margin``): a backdoor is a shortcut the model was
+taught towards one class, while the universal adversarial patches every model has reach several
+classes about as well. Being relative to the model's own classes, the margin transfers to model
+families it was not calibrated on, where an absolute threshold on one trigger's strength does
+not: on the broad family's clean model, a contrastive trigger of 0.3% of the image flips 30%
+of the shots to one letter, and scores 111 against a threshold of 25 calibrated on the first.
+
+With the search off, stage 1 is CBPT's contrastive inversion, which needs no target. Its score
+is the share of other classes' images the inverted trigger sends to the class it sends most to,
+per unit of mask (``VerdictSettings`` says why). Each restart is judged by that score under
+the zero-shot head, and one that reaches ``backdoored_score`` ends the search, so a backdoored
+model usually costs one draw and a clean one all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from worker.cbpt.inversion import (
 )
 from worker.cbpt.options import PurifyOptions, VerdictSettings
 from worker.cbpt.progress import ShouldCancel
+from worker.cbpt.reach import Reach, ReachSearch, reach_every_class
 from worker.cbpt.zeroshot import FrozenClip, Shots
 
 Verdict = Literal["clean", "suspicious", "backdoored"]
@@ -30,17 +42,18 @@ Verdict = Literal["clean", "suspicious", "backdoored"]
 
 @dataclass(frozen=True)
 class Detection:
-    """What stage 1 leaves: the strongest trigger, the class it sends images to, the share of
-    other classes' tuning images it sends there, and the verdict they make."""
+    """What stage 1 leaves: the trigger stage 2 starts from, the suspected target, the share of
+    other classes' tuning images the trigger sends there, and the verdict; with what produced
+    them: the class-wise search (``reach``, and the target's ``margin`` over the next class),
+    or the contrastive inversion (``inversion``)."""
 
-    inversion: InversionResult
+    trigger: Trigger
     target: int
     flip_rate: float
     verdict: Verdict
-
-    @property
-    def trigger(self) -> Trigger:
-        return self.inversion.trigger
+    inversion: InversionResult | None = None
+    reach: Reach | None = None
+    margin: float | None = None
 
     @property
     def score(self) -> float:
@@ -56,12 +69,53 @@ def detect(
     progress: Callable[[float], None] | None = None,
     should_cancel: ShouldCancel | None = None,
 ) -> Detection:
-    """Inverts a trigger on ``shots`` under the zero-shot head ``hand`` and judges it: the
-    winner's target and flip rate are the ones its judge measured, not measured again."""
+    """Stage 1 on ``shots`` under the zero-shot head ``hand``: the class-wise search, or the
+    contrastive inversion when the search is off."""
+    if options.search.enabled:
+        return _search_classes(clip, hand, shots, options, progress, should_cancel)
     inversion, measured = _judged_inversion(clip, hand, shots, options, progress, should_cancel)
+    # the winner's target and flip rate are the ones its judge measured, not measured again
     target, flip = measured[inversion.strengths.index(max(inversion.strengths))]
-    mask_fraction = inversion.trigger.mask_fraction
-    return Detection(inversion, target, flip, verdict_of(flip, mask_fraction, options.verdict))
+    verdict = verdict_of(flip, inversion.trigger.mask_fraction, options.verdict)
+    return Detection(inversion.trigger, target, flip, verdict, inversion=inversion)
+
+
+def _search_classes(
+    clip: FrozenClip,
+    hand: torch.Tensor,
+    shots: Shots,
+    options: PurifyOptions,
+    progress: Callable[[float], None] | None,
+    should_cancel: ShouldCancel | None,
+) -> Detection:
+    search = ReachSearch.of(options.search, lr=options.inversion.lr, seed=options.seed)
+    reach = reach_every_class(
+        clip.model,
+        clip.normalizer,
+        shots.pixels,
+        shots.labels,
+        hand,
+        clip.logit_scale,
+        search,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    target = reach.best
+    flip, margin = float(reach.flip[target]), reach.margin(target)
+    verdict = verdict_of_search(flip, margin, options.verdict)
+    return Detection(reach.trigger(target), target, flip, verdict, reach=reach, margin=margin)
+
+
+def verdict_of_search(flip_rate: float, margin: float, settings: VerdictSettings) -> Verdict:
+    """The class-wise search's verdict: the target must flip enough images, and be reached
+    far more easily than the next class (``Reach.margin``)."""
+    if flip_rate < settings.min_flip_rate:
+        return "clean"
+    if margin >= settings.backdoored_margin:
+        return "backdoored"
+    if margin >= settings.suspicious_margin:
+        return "suspicious"
+    return "clean"
 
 
 def _judged_inversion(

@@ -34,11 +34,11 @@ FAST = {
     "inversion": {"steps": 150, "batch_size": 16},
     "tuning": {"steps": 40},
 }
-SLOW_INVERSION = {"rounds": 0, "inversion": {"steps": 20_000, "batch_size": 16}}
+SLOW_INVERSION = {"rounds": 0, "search": {"steps": 20_000, "batch_size": 16}}
 SLOW_TUNING = {
     "rounds": 0,
-    "tune_when_clean": True,  # ten inversion steps find no backdoor; tune all the same
-    "inversion": {"steps": 10, "batch_size": 16},
+    "tune_when_clean": True,  # ten search steps find no backdoor; tune all the same
+    "search": {"steps": 10, "warmup": 5, "batch_size": 8},
     "tuning": {"steps": 20_000},
 }
 QUICK_RECOVERY = {

@@ -42,7 +42,7 @@ PROBLEM = "application/problem+json"
 
 FAST_OPTIONS: dict[str, Any] = {
     "rounds": 0,
-    "inversion": {"steps": 30, "batch_size": 16},
+    "search": {"steps": 30, "batch_size": 8},
     "tuning": {"steps": 20},
 }
 """Every stage runs for real, in seconds, on the tiny lab model."""
