@@ -27,7 +27,7 @@ test: install
 # trajectory only fails here, not on a user's machine. .ci/run runs it after `make test`.
 ENGINE_TESTS := tests/test_lab.py tests/test_inversion.py tests/test_tuning.py \
   tests/test_purify.py tests/test_precision.py tests/test_warps.py tests/test_attacks.py \
-  tests/test_views.py
+  tests/test_views.py tests/test_reach.py
 test-another-trajectory: install
 	OMP_NUM_THREADS=1 ANTIDOTE_TEST_SEED=1 $(BIN)/pytest $(ENGINE_TESTS)
 
