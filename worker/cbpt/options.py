@@ -75,7 +75,8 @@ class TargetSearchSettings(_Settings):
         default=30,
         ge=1,
         le=20_000,
-        description="Steps every class gets before only the `keep` that flip most go on.",
+        description="Steps every class gets before only the `keep` with the lowest "
+        "cross-entropy towards themselves go on.",
     )
     keep: int = Field(
         default=6, ge=0, le=4096, description="Classes fitted for all `steps`; 0: all of them."
@@ -290,11 +291,13 @@ class TuningSettings(_Settings):
 class VerdictSettings(_Settings):
     """Where detection draws its lines (``verdict.py``).
 
-    The score is the share of other classes' images the inverted trigger sends to the suspected
-    target, per unit of mask: a backdoor is a shortcut the model was taught, so its trigger does
-    more with less than the universal adversarial patches every model has. The verdict reads
-    the best of stage 1's restarts. The thresholds are calibrated on the lab (docs/engine.md);
-    another family of models needs its own calibration.
+    With the class-wise search (the default), the verdict reads the margin by which the
+    suspected target is reached more easily than the next class: relative to the model's own
+    classes, it needs no calibration per family. With the search off, it reads the contrastive
+    trigger's score: the share of other classes' images it sends to its class, per unit of
+    mask, since a backdoor is a shortcut that does more with less than the universal
+    adversarial patches every model has. Those thresholds are calibrated on the first lab
+    family (docs/engine.md); another family of models needs its own.
     """
 
     backdoored_margin: float = Field(
