@@ -129,25 +129,29 @@ def reach_every_class(
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=search.lr, betas=(0.5, 0.9))
     measured = _measurement_set(labels, search.measure_on, generator)
     flip, loss_of = torch.zeros(classes), torch.zeros(classes)
-    early = loss_of
+    early: torch.Tensor | None = None
     fitted = torch.zeros(classes, dtype=torch.int64)
     active = torch.arange(classes, device=device)
     batch = min(search.batch_size, pixels.shape[0])
+
+    def measure(classes_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _measure(
+            model,
+            normalizer,
+            pixels,
+            labels,
+            (head, logit_scale),
+            (mask_logit, pattern_logit),
+            search.budget,
+            classes_now,
+            measured,
+        )
+
     for step in range(search.steps):
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during the class-wise trigger search")
         if step == search.warmup:  # every class is still searched: measure them all
-            flip, loss_of = _flip_rates(
-                model,
-                normalizer,
-                pixels,
-                labels,
-                (head, logit_scale),
-                (mask_logit, pattern_logit),
-                search.budget,
-                active,
-                measured,
-            )
+            flip, loss_of = measure(active)
             early = loss_of.clone()
             fitted[:] = step
             if 0 < search.keep < classes:
@@ -176,24 +180,14 @@ def reach_every_class(
         optimizer.step()
         if progress is not None:
             progress((step + 1) / search.steps)
-    flip[active.cpu()], loss_of[active.cpu()] = _flip_rates(
-        model,
-        normalizer,
-        pixels,
-        labels,
-        (head, logit_scale),
-        (mask_logit, pattern_logit),
-        search.budget,
-        active,
-        measured,
-    )
+    flip[active.cpu()], loss_of[active.cpu()] = measure(active)
     fitted[active.cpu()] = search.steps
     masks = _within(torch.sigmoid(mask_logit.detach()), search.budget).cpu()
     masks = masks.expand(classes, 1, height, width)[:, 0]
     return Reach(
         flip,
         loss_of,
-        early if search.warmup < search.steps else loss_of,
+        loss_of if early is None else early,
         masks.flatten(1).mean(dim=1),
         fitted,
         masks.contiguous(),
@@ -216,7 +210,7 @@ def _measurement_set(labels: torch.Tensor, most: int, generator: torch.Generator
 
 
 @torch.no_grad()
-def _flip_rates(
+def _measure(
     model: torch.nn.Module,
     normalizer: Normalizer,
     pixels: torch.Tensor,
